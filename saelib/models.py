@@ -1,0 +1,153 @@
+"""Load language models as TransformerLens ``HookedTransformer``s, and check hook names.
+
+``load_model("embedded")`` loads the small model shipped in ``data/`` (no network);
+any TransformerLens pretrained name (``"pythia-70m-deduped"``, ``"gpt2"``) downloads
+weights from the Hugging Face hub and fails with a clear message when offline.
+``randomize_weights`` builds the random-weight controls of notebook 08.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import socket
+
+import torch
+
+from .paths import data_dir
+
+EMBEDDED = "embedded"
+EMBEDDED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+class ModelNeedsNetworkError(RuntimeError):
+    """A pretrained model's weights are not cached and the hub cannot be reached."""
+
+
+class UnknownModelError(ValueError):
+    """The model name is neither ``"embedded"`` nor a TransformerLens pretrained name."""
+
+
+class UnknownHookError(KeyError):
+    """A hook name the model does not have."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0])
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name: str = EMBEDDED, device: str | None = None):
+    """A ``HookedTransformer`` in eval mode.
+
+    ``name``: ``"embedded"`` for the model in ``data/``, or a TransformerLens pretrained
+    name such as ``"pythia-70m-deduped"`` or ``"gpt2"`` (needs network access once).
+    """
+    device = device or _default_device()
+    if name == EMBEDDED:
+        return load_embedded(device=device)
+    return load_pretrained(name, device=device)
+
+
+def load_embedded(device: str = "cpu"):
+    """The project's own small model from ``data/`` (safetensors weights, never pickles)."""
+    folder = data_dir()
+    missing = [f for f in EMBEDDED_FILES if not (folder / f).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"the embedded model is incomplete: {', '.join(missing)} missing in {folder}. "
+            "A fresh clone ships these files; if you removed them, restore them with "
+            "`git checkout -- data/` or rebuild them with `python -m saelib zoo all`."
+        )
+    from safetensors.torch import load_file
+
+    from .zoo.lm import LMConfig, to_hooked_transformer
+    from .zoo.tokenizer import load_tokenizer
+
+    cfg = LMConfig.load(folder / "config.json")
+    tokenizer = load_tokenizer(folder / "tokenizer.json")
+    return to_hooked_transformer(load_file(folder / "model.safetensors"), cfg, tokenizer, device)
+
+
+def _suggest(name: str, candidates, n: int = 3) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_pretrained(name: str, device: str = "cpu"):
+    """A TransformerLens pretrained model, with clear errors for unknown names and no network."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, get_official_model_name
+
+    try:
+        official = get_official_model_name(name)
+    except ValueError:
+        short_names = [n.split("/")[-1] for n in OFFICIAL_MODEL_NAMES]
+        raise UnknownModelError(
+            f"unknown model {name!r}: use 'embedded' or a TransformerLens pretrained name "
+            f"(e.g. 'pythia-70m-deduped', 'gpt2').{_suggest(name, short_names + [EMBEDDED])}"
+        ) from None
+    try:
+        return HookedTransformer.from_pretrained(official, device=device)
+    except Exception as err:  # the hub client raises many types when offline
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not _hub_reachable()
+        if offline:
+            raise ModelNeedsNetworkError(
+                f"{name!r} needs network access to download weights from the Hugging Face hub, "
+                "and they are not cached here; use MODEL='embedded' (the model shipped in data/) "
+                "or run once where the hub is reachable."
+            ) from err
+        raise
+
+
+def check_hook_name(model, hook_name: str) -> str:
+    """Return ``hook_name`` if ``model`` has it, else raise ``UnknownHookError`` naming the closest."""
+    names = list(model.hook_dict)
+    if hook_name in names:
+        return hook_name
+    per_block = sorted({n.split(".", 2)[2] for n in names if n.startswith("blocks.0.")})
+    raise UnknownHookError(
+        f"unknown hook name {hook_name!r} for this {model.cfg.n_layers}-layer model.{_suggest(hook_name, names)} "
+        f"Valid names are 'blocks.<layer>.<point>' with layer 0..{model.cfg.n_layers - 1} and point one of: "
+        f"{', '.join(per_block)}; or one of: {', '.join(n for n in names if not n.startswith('blocks.'))}."
+    )
+
+
+def hook_layer(hook_name: str) -> int | None:
+    """Block index of a hook name (``blocks.3.hook_resid_post`` -> 3); ``None`` outside blocks."""
+    parts = hook_name.split(".")
+    return int(parts[1]) if parts[0] == "blocks" and len(parts) > 2 and parts[1].isdigit() else None
+
+
+_EMBEDDING_PREFIXES = ("embed.", "pos_embed.", "unembed.")
+
+
+@torch.no_grad()
+def randomize_weights(model, keep_embeddings: bool = False, seed: int = 0):
+    """A copy of ``model`` with every weight tensor redrawn at random (the random-weights control).
+
+    Each tensor is resampled i.i.d. from a normal with the trained tensor's own mean and
+    standard deviation, so activations keep their scale while all learned structure is
+    gone. ``keep_embeddings=True`` keeps the trained token/position embeddings and
+    unembedding (the "re-randomised with real embeddings" variant).
+    """
+    clone = copy.deepcopy(model)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in clone.named_parameters():
+        if keep_embeddings and name.startswith(_EMBEDDING_PREFIXES):
+            continue
+        mean, std = param.float().mean(), param.float().std() if param.numel() > 1 else torch.tensor(0.0)
+        fresh = torch.randn(param.shape, generator=generator) * std + mean
+        param.copy_(fresh.to(param.dtype))
+    return clone

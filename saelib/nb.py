@@ -1,0 +1,96 @@
+"""Notebook set-up: one call at the top of every notebook.
+
+``setup()`` detects where the notebook runs (Colab, CI), seeds every generator,
+picks the device, turns gradients off (training code turns them on where it needs
+them), and makes plots and token views render with no network: plotly's JavaScript
+is inlined into the notebook once, and circuitsvis always uses its inline bundle
+instead of probing the network and loading from a CDN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .paths import results_dir
+from .profile import Profile, profile
+
+
+class NotebookContext(NamedTuple):
+    """What ``setup`` found and chose."""
+
+    profile: Profile
+    """Active run profile (``SAELIB_PROFILE``)."""
+    device: torch.device
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    seed: int
+    """Seed given to python, numpy and torch."""
+    in_colab: bool
+    """Running inside Google Colab."""
+    in_ci: bool
+    """Running under CI (``CI`` set to a true value)."""
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def use_offline_plotly() -> None:
+    """Render plotly figures with plotly.js embedded in the notebook, not fetched from a CDN."""
+    import plotly.io as pio
+
+    # "notebook" inlines plotly.js once per notebook (and survives HTML export);
+    # "plotly_mimetype" keeps JupyterLab's native renderer working too.
+    pio.renderers.default = "plotly_mimetype+notebook"
+
+
+def use_inline_circuitsvis() -> None:
+    """Make circuitsvis emit its bundled JavaScript instead of a CDN import.
+
+    circuitsvis decides by fetching a web page; with no network that probe costs a
+    time-out per view and with a network it switches to the CDN, which an exported
+    report cannot load offline.
+    """
+    try:
+        import circuitsvis.utils.render as cv_render
+    except ImportError:
+        return
+    cv_render.internet_on = lambda: False
+
+
+def setup(seed: int = 0, grad: bool = False, device: str | None = None) -> NotebookContext:
+    """Prepare a notebook; returns a ``NotebookContext``."""
+    seed_everything(seed)
+    torch.set_grad_enabled(grad)
+    use_offline_plotly()
+    use_inline_circuitsvis()
+    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return NotebookContext(profile(), chosen, seed, in_colab(), in_ci())
+
+
+def save_results(notebook: str, results: dict) -> Path:
+    """Write a notebook's key numbers to ``results/<notebook>.json`` and return the path."""
+    out = results_dir() / f"{notebook}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"notebook": notebook, "profile": profile().name, **results}
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    os.replace(tmp, out)
+    return out

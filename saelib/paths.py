@@ -1,0 +1,34 @@
+"""Where saelib reads shipped data and writes generated outputs.
+
+Every location can be overridden by an environment variable, so scripts, notebooks
+and tests agree without passing paths around.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def project_root() -> Path:
+    """The checkout holding ``pyproject.toml`` (``$SAELIB_ROOT`` overrides)."""
+    if os.environ.get("SAELIB_ROOT"):
+        return Path(os.environ["SAELIB_ROOT"]).resolve()
+    return _PACKAGE_DIR.parent
+
+
+def data_dir() -> Path:
+    """Shipped embedded-model files (``$SAELIB_DATA`` overrides)."""
+    return Path(os.environ.get("SAELIB_DATA") or project_root() / "data")
+
+
+def results_dir() -> Path:
+    """Key numbers of each notebook as ``NN_name.json`` (``$SAELIB_RESULTS`` overrides)."""
+    return Path(os.environ.get("SAELIB_RESULTS") or project_root() / "results")
+
+
+def artifacts_dir() -> Path:
+    """Activation stores, trained SAEs and other large generated files (``$SAELIB_ARTIFACTS``)."""
+    return Path(os.environ.get("SAELIB_ARTIFACTS") or project_root() / "build" / "artifacts")

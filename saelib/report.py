@@ -1,0 +1,113 @@
+"""The main job: execute every notebook in order, export offline HTML reports, and
+collect each notebook's ``results/*.json`` into one summary table.
+
+Reports must open with no network, so every ``<script src="http...">`` and ES-module
+import from a URL that nbconvert's template adds (require.js, MathJax, mermaid,
+the widget manager) is removed; plotly is inlined by ``saelib.nb.setup``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .paths import project_root, results_dir
+
+_REMOTE_SCRIPT = re.compile(r"<script\b[^>]*\bsrc=[\"']https?://[^>]*>\s*</script>", re.IGNORECASE)
+_REMOTE_IMPORT = re.compile(r"""^\s*import\b[^;\n]*["']https?://[^"']+["'];?\s*$""", re.MULTILINE)
+_REMOTE_DYNAMIC_IMPORT = re.compile(r"""import\(\s*["']https?://[^"']+["']\s*\)""")
+_REMOTE_STYLESHEET = re.compile(r"<link\b[^>]*\bhref=[\"']https?://[^>]*>", re.IGNORECASE)
+
+
+def strip_remote_resources(html: str) -> str:
+    """Remove every script, module import and stylesheet that would be fetched from the network."""
+    html = _REMOTE_SCRIPT.sub("", html)
+    html = _REMOTE_IMPORT.sub("", html)
+    html = _REMOTE_DYNAMIC_IMPORT.sub("Promise.reject(new Error('offline report'))", html)
+    return _REMOTE_STYLESHEET.sub("", html)
+
+
+def remote_resources(html: str) -> list[str]:
+    """Every network resource the page would load (empty for an offline report)."""
+    found = _REMOTE_SCRIPT.findall(html) + _REMOTE_IMPORT.findall(html)
+    found += _REMOTE_DYNAMIC_IMPORT.findall(html) + _REMOTE_STYLESHEET.findall(html)
+    return found
+
+
+def notebook_paths(folder: str | Path | None = None) -> list[Path]:
+    """The notebooks in run order (``NN_name.ipynb`` sorted by name; others last)."""
+    folder = Path(folder or project_root() / "notebooks")
+    return sorted(folder.glob("*.ipynb"), key=lambda p: (not p.name[:2].isdigit(), p.name))
+
+
+def export_html(notebook_node) -> str:
+    """A self-contained HTML page of an executed notebook."""
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="lab", embed_images=True)
+    body, _ = exporter.from_notebook_node(notebook_node)
+    return strip_remote_resources(body)
+
+
+def run_notebook(path: Path, executed_dir: Path, report_dir: Path, timeout: int = 3600) -> dict:
+    """Execute one notebook in its own folder; write the executed copy and its HTML report."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
+    started = time.time()
+    error = None
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        error = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+    seconds = time.time() - started
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, executed_dir / path.name)
+    (report_dir / f"{path.stem}.html").write_text(export_html(nb), encoding="utf-8")
+    return {"notebook": path.stem, "seconds": round(seconds, 1), "ok": error is None, "error": error}
+
+
+def summary_table(folder: str | Path | None = None) -> pd.DataFrame:
+    """One row per ``results/*.json``: the notebook's key numbers, flattened."""
+    rows = []
+    for path in sorted(Path(folder or results_dir()).glob("*.json")):
+        rows.append(pd.json_normalize(json.loads(path.read_text())).iloc[0].to_dict())
+    return pd.DataFrame(rows)
+
+
+def run_all(
+    only: list[str] | None = None,
+    out_dir: str | Path | None = None,
+    timeout: int = 3600,
+) -> pd.DataFrame:
+    """Run the notebooks in order (``only``: name prefixes to keep); returns the run table."""
+    out_dir = Path(out_dir or project_root())
+    runs = []
+    for path in notebook_paths():
+        if only and not any(path.stem.startswith(prefix) for prefix in only):
+            continue
+        print(f"[saelib] running {path.name} (profile {os.environ.get('SAELIB_PROFILE', 'default')})", flush=True)
+        run = run_notebook(path, out_dir / "executed", out_dir / "reports", timeout=timeout)
+        print(f"[saelib]   {'ok' if run['ok'] else 'FAILED'} in {run['seconds']} s" + (f": {run['error']}" if run["error"] else ""), flush=True)
+        runs.append(run)
+    table = pd.DataFrame(runs)
+    summary = summary_table()
+    reports = out_dir / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    table.to_csv(reports / "runs.csv", index=False)
+    summary.to_csv(reports / "summary.csv", index=False)
+    print("\n[saelib] notebooks\n" + table.to_string(index=False))
+    if len(summary):
+        print("\n[saelib] key results (results/*.json)\n" + summary.to_string(index=False))
+    return table

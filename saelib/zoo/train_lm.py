@@ -1,0 +1,237 @@
+"""Resumable training of the embedded language model (``LeanGPT``) on a token file.
+
+Every batch is a pure function of ``(seed, step)``, and checkpoints hold the model, the
+optimiser and the step, so a run killed and resumed from its last checkpoint takes
+exactly the steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .lm import LeanGPT, LMConfig
+
+
+@dataclass
+class TrainLMConfig:
+    """How to train the embedded model; fields are saved with every checkpoint."""
+
+    train_tokens: str = "build/zoo/tokens/train.bin"
+    """Flat uint16 token file (documents separated by the BOS/EOS token)."""
+    val_tokens: str = "build/zoo/tokens/val.bin"
+    """Held-out token file in the same format."""
+    out_dir: str = "build/zoo/run"
+    """Where checkpoints and the metrics log go."""
+    model: LMConfig = field(default_factory=LMConfig)
+    """Model shape."""
+    bos_token_id: int = 0
+    """Prepended to every training sequence, as HookedTransformer does at inference."""
+    batch_size: int = 32
+    """Sequences per step; tokens per step = batch_size * n_ctx."""
+    total_tokens: int = 20_000_000
+    """Length of the learning-rate schedule, in tokens."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 200
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not on biases, LayerNorm or embeddings)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    repeat_share: float = 0.1
+    """Share of sequences made of a real-text chunk followed by its exact copy, to reward
+    in-context copying (induction) early."""
+    seed: int = 0
+    """Seeds initialisation and every batch."""
+    eval_every: int = 100
+    """Steps between held-out evaluations."""
+    eval_batches: int = 8
+    """Held-out batches per evaluation (fixed across the run)."""
+    checkpoint_minutes: float = 5.0
+    """Wall-clock minutes between checkpoints."""
+    bf16: bool = False
+    """Run matmuls under bfloat16 autocast (faster on CPUs with AVX512-BF16 or AMX)."""
+
+    def steps(self) -> int:
+        return max(1, self.total_tokens // (self.batch_size * self.model.n_ctx))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainLMConfig":
+        values = dict(values)
+        values["model"] = LMConfig.from_dict(values.get("model", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def open_tokens(path: str | Path) -> np.ndarray:
+    """Memory-map a flat uint16 token file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: build the corpus first (python -m saelib zoo corpus)")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def sample_batch(tokens: np.ndarray, cfg: TrainLMConfig, step: int) -> torch.Tensor:
+    """The batch for ``step``: [batch_size, n_ctx] int64, each row BOS + text.
+
+    A ``repeat_share`` of rows hold a chunk and then the same chunk again.
+    """
+    rng = np.random.default_rng([cfg.seed, step])
+    n_ctx, B = cfg.model.n_ctx, cfg.batch_size
+    body = n_ctx - 1
+    starts = rng.integers(0, len(tokens) - body, size=B)
+    is_repeat = rng.random(B) < cfg.repeat_share
+    rows = np.empty((B, n_ctx), dtype=np.int64)
+    rows[:, 0] = cfg.bos_token_id
+    half = body // 2
+    for i, (start, repeat) in enumerate(zip(starts, is_repeat)):
+        if repeat:
+            chunk = tokens[start : start + half]
+            rows[i, 1 : 1 + half] = chunk
+            rows[i, 1 + half : 1 + 2 * half] = chunk
+            rows[i, 1 + 2 * half :] = tokens[start + half : start + half + body - 2 * half]
+        else:
+            rows[i, 1:] = tokens[start : start + body]
+    return torch.from_numpy(rows)
+
+
+def learning_rate(cfg: TrainLMConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps() - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: LeanGPT, cfg: TrainLMConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # Embeddings, biases and LayerNorm gains are not shrunk towards zero.
+        is_matrix = p.ndim >= 2 and not name.startswith(("embed.", "pos_embed."))
+        (decay if is_matrix else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temp file then rename, so a kill never leaves a half checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(model: LeanGPT, val_tokens: np.ndarray, cfg: TrainLMConfig) -> float:
+    """Mean held-out loss over ``eval_batches`` fixed batches (no repeated chunks)."""
+    model.eval()
+    eval_cfg = dataclasses.replace(cfg, repeat_share=0.0, seed=cfg.seed + 10_000)
+    losses = [model.loss(sample_batch(val_tokens, eval_cfg, i)).item() for i in range(cfg.eval_batches)]
+    model.train()
+    return float(np.mean(losses))
+
+
+class LMTrainer:
+    """Owns the model, optimiser and step counter of one training run."""
+
+    def __init__(self, cfg: TrainLMConfig):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.model = LeanGPT(cfg.model)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.step = 0
+        self.checkpoint_path = self.out_dir / "checkpoint.pt"
+        if self.checkpoint_path.exists():
+            self.load_checkpoint()
+
+    def load_checkpoint(self) -> None:
+        state = torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
+        if state["train_cfg"]["model"] != self.cfg.model.to_dict():
+            raise ValueError(
+                f"checkpoint {self.checkpoint_path} was made for model {state['train_cfg']['model']}, "
+                f"not {self.cfg.model.to_dict()}: use another out_dir or the same model config"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> None:
+        save_atomic(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "train_cfg": self.cfg.to_dict(),
+            },
+            self.checkpoint_path,
+        )
+
+    def train_step(self, batch: torch.Tensor) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.cfg, self.step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            loss = self.model.loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return loss.item()
+
+    def run(self, max_steps: int | None = None, max_minutes: float | None = None) -> int:
+        """Train until the schedule ends, ``max_steps`` more steps, or ``max_minutes``;
+        checkpoints on the way and at the end. Returns the step reached."""
+        train_tokens = open_tokens(self.cfg.train_tokens)
+        val_tokens = open_tokens(self.cfg.val_tokens) if Path(self.cfg.val_tokens).exists() else None
+        last_step = self.cfg.steps() if max_steps is None else min(self.cfg.steps(), self.step + max_steps)
+        started = last_save = time.time()
+        tokens_per_step = self.cfg.batch_size * self.cfg.model.n_ctx
+        log = (self.out_dir / "metrics.jsonl").open("a")
+        bar = tqdm(total=last_step, initial=self.step, desc="train LM", unit="step")
+        self.model.train()
+        while self.step < last_step:
+            t0 = time.time()
+            loss = self.train_step(sample_batch(train_tokens, self.cfg, self.step))
+            record = {
+                "step": self.step,
+                "tokens": self.step * tokens_per_step,
+                "loss": loss,
+                "lr": learning_rate(self.cfg, self.step - 1),
+                "tok_per_s": tokens_per_step / (time.time() - t0),
+            }
+            if val_tokens is not None and (self.step % self.cfg.eval_every == 0 or self.step == last_step):
+                record["val_loss"] = evaluate(self.model, val_tokens, self.cfg)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
+            now = time.time()
+            if now - last_save > 60 * self.cfg.checkpoint_minutes:
+                self.save_checkpoint()
+                last_save = now
+            if max_minutes is not None and now - started > 60 * max_minutes:
+                break
+        bar.close()
+        log.close()
+        self.save_checkpoint()
+        return self.step

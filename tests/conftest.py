@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from saelib.zoo.lm import LeanGPT, LMConfig, to_hooked_transformer
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> LMConfig:
+    return LMConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32, d_vocab=101)
+
+
+@pytest.fixture(scope="session")
+def tiny_lean(tiny_cfg) -> LeanGPT:
+    torch.manual_seed(0)
+    model = LeanGPT(tiny_cfg)
+    with torch.no_grad():  # non-zero biases and gains, so a wrong mapping cannot hide
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or name.endswith(("b_Q", "b_K", "b_V")):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_lean, tiny_cfg):
+    """A random-init HookedTransformer stand-in (not the embedded model)."""
+    return to_hooked_transformer(tiny_lean.state_dict(), tiny_cfg)

@@ -1,0 +1,80 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from saelib.zoo.train_lm import LMTrainer, TrainLMConfig, learning_rate, sample_batch
+
+
+@pytest.fixture
+def run_cfg(tmp_path, tiny_cfg) -> TrainLMConfig:
+    rng = np.random.default_rng(0)
+    for split, n in [("train", 5000), ("val", 800)]:
+        rng.integers(1, tiny_cfg.d_vocab, n, dtype=np.uint16).tofile(tmp_path / f"{split}.bin")
+    return TrainLMConfig(
+        train_tokens=str(tmp_path / "train.bin"),
+        val_tokens=str(tmp_path / "val.bin"),
+        out_dir=str(tmp_path / "run"),
+        model=tiny_cfg,
+        batch_size=4,
+        total_tokens=4 * tiny_cfg.n_ctx * 6,
+        warmup_steps=2,
+        eval_every=3,
+        eval_batches=2,
+    )
+
+
+def test_batches_are_a_function_of_seed_and_step(run_cfg):
+    tokens = np.fromfile(run_cfg.train_tokens, dtype=np.uint16)
+    a, b = sample_batch(tokens, run_cfg, 5), sample_batch(tokens, run_cfg, 5)
+    assert torch.equal(a, b) and not torch.equal(a, sample_batch(tokens, run_cfg, 6))
+    assert a.shape == (run_cfg.batch_size, run_cfg.model.n_ctx) and (a[:, 0] == run_cfg.bos_token_id).all()
+
+
+def test_repeated_rows_copy_their_first_half(run_cfg):
+    cfg = dataclasses.replace(run_cfg, repeat_share=1.0)
+    batch = sample_batch(np.fromfile(cfg.train_tokens, dtype=np.uint16), cfg, 0)
+    half = (cfg.model.n_ctx - 1) // 2
+    assert torch.equal(batch[:, 1 : 1 + half], batch[:, 1 + half : 1 + 2 * half])
+
+
+def test_learning_rate_warms_up_then_decays_to_floor(run_cfg):
+    lrs = [learning_rate(run_cfg, s) for s in range(run_cfg.steps() + 1)]
+    assert lrs[0] < lrs[1] == pytest.approx(run_cfg.lr)
+    assert lrs[-1] == pytest.approx(run_cfg.lr * run_cfg.min_lr_ratio)
+    assert all(x >= y for x, y in zip(lrs[1:], lrs[2:]))
+
+
+def test_resume_equals_uninterrupted_training(run_cfg, tmp_path):
+    straight = LMTrainer(dataclasses.replace(run_cfg, out_dir=str(tmp_path / "straight")))
+    straight.run()
+    interrupted_cfg = dataclasses.replace(run_cfg, out_dir=str(tmp_path / "interrupted"))
+    LMTrainer(interrupted_cfg).run(max_steps=2)  # "killed" after 2 steps
+    resumed = LMTrainer(interrupted_cfg)
+    assert resumed.step == 2
+    resumed.run()
+    assert resumed.step == straight.step == run_cfg.steps()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_training_lowers_the_loss(run_cfg):
+    cfg = dataclasses.replace(run_cfg, total_tokens=4 * run_cfg.model.n_ctx * 30, lr=3e-3)
+    tokens = np.fromfile(cfg.train_tokens, dtype=np.uint16)
+    trainer = LMTrainer(cfg)
+    probe = sample_batch(tokens, cfg, 10_000)
+    with torch.no_grad():
+        before = trainer.model.loss(probe).item()
+    trainer.run()
+    with torch.no_grad():
+        after = trainer.model.loss(probe).item()
+    # random tokens: the best a model can do is the unigram entropy, ~log(100)
+    assert before > after and after < np.log(cfg.model.d_vocab) + 0.1
+
+
+def test_checkpoint_for_another_model_is_refused(run_cfg):
+    LMTrainer(run_cfg).run(max_steps=1)
+    other = dataclasses.replace(run_cfg, model=dataclasses.replace(run_cfg.model, d_mlp=128))
+    with pytest.raises(ValueError, match="was made for model"):
+        LMTrainer(other)
