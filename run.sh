@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# saelib's two entry points, for a fresh machine or an existing environment:
+#   bash run.sh all    run every notebook in order (default profile) -> executed/, reports/, results/
+#   bash run.sh test   pytest + every notebook through nbmake with SAELIB_PROFILE=smoke
+# With a conda or virtual environment active that already has saelib, that one is used;
+# otherwise ./.venv is created (torch==2.13.0 first, so pip does not pull a CUDA build
+# where a local CPU wheel exists) and the package is installed into it with its dev extras.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+ensure_env() {
+  if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && python -c "import saelib, pytest, nbmake" 2>/dev/null; then
+    PY=python
+    return
+  fi
+  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import saelib, pytest, nbmake" 2>/dev/null; then
+    echo "[saelib] creating .venv (one-off, a few minutes)"
+    python3 -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q "torch==2.13.0"
+    .venv/bin/python -m pip install -q -e ".[dev]"
+  fi
+  PY=.venv/bin/python
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  all)
+    ensure_env
+    exec "$PY" -m saelib run-notebooks "$@"
+    ;;
+  test)
+    ensure_env
+    export SAELIB_PROFILE=smoke
+    exec "$PY" -m pytest tests --nbmake notebooks "$@"
+    ;;
+  *)
+    echo "usage: bash run.sh all|test [extra args]" >&2
+    exit 2
+    ;;
+esac

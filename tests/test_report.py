@@ -1,0 +1,55 @@
+import re
+
+import nbformat
+import pytest
+
+from saelib import report
+
+REMOTE_PAGE = """<html><head>
+<script src="https://cdnjs.cloudflare.com/ajax/libs/require.js/2.1.10/require.min.js"></script>
+<link rel="stylesheet" href="https://cdn.example/x.css">
+<script type="module">
+import mermaid from "https://cdnjs.cloudflare.com/ajax/libs/mermaid/11.10.0/mermaid.esm.min.mjs";
+const elk = await import("https://cdn.example/elk.mjs");
+</script>
+<script>var local = 1;</script></head><body><a href="https://example.org">a link stays</a></body></html>"""
+
+
+def test_strip_remote_resources_removes_every_fetch_and_keeps_the_rest():
+    assert len(report.remote_resources(REMOTE_PAGE)) == 4
+    cleaned = report.strip_remote_resources(REMOTE_PAGE)
+    assert report.remote_resources(cleaned) == []
+    assert "var local = 1;" in cleaned and '<a href="https://example.org">' in cleaned
+
+
+@pytest.fixture(scope="module")
+def executed_plot_report(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nb")
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# 99 · Demo"),
+        nbformat.v4.new_code_cell(
+            "import saelib, plotly.express as px\nsaelib.nb.setup()\n"
+            "px.bar(x=['alpha', 'beta'], y=[1, 2], title='offline bar')"
+        ),
+    ]
+    path = folder / "99_demo.ipynb"
+    nbformat.write(nb, path)
+    run = report.run_notebook(path, folder / "executed", folder / "reports", timeout=120)
+    return run, (folder / "reports" / "99_demo.html").read_text()
+
+
+def test_report_of_a_plot_is_offline_and_self_contained(executed_plot_report):
+    run, html = executed_plot_report
+    assert run["ok"], run
+    assert report.remote_resources(html) == []
+    assert "offline bar" in html and "Plotly.newPlot" in html
+    # the library itself is inlined, once
+    assert len(re.findall(r"plotly\.js v\d", html)) == 1
+
+
+def test_notebooks_run_in_numeric_order(tmp_path):
+    for name in ["10_b", "02_a", "colab_tutorial", "00_q"]:
+        (tmp_path / f"{name}.ipynb").write_text("{}")
+    assert [p.stem for p in report.notebook_paths(tmp_path)] == ["00_q", "02_a", "10_b", "colab_tutorial"]
