@@ -25,13 +25,9 @@ def _cmd_run_notebooks(args) -> int:
 
 
 def _cmd_zoo_corpus(args) -> int:
-    from .zoo.corpus import build_corpus
-    from .zoo.tokenizer import tokenize_corpus, train_tokenizer
+    from .zoo.tokenizer import build_all
 
-    build = Path(args.build_dir)
-    build_corpus(build / "corpus")
-    tokenizer = train_tokenizer(build / "corpus", build / "tokenizer.json", vocab_size=args.vocab_size)
-    tokenize_corpus(build / "corpus", tokenizer, build / "tokens")
+    build_all(Path(args.build_dir), vocab_size=args.vocab_size)
     return 0
 
 

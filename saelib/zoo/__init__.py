@@ -1,0 +1,1 @@
+"""The embedded default model: corpus, tokenizer, training, quality checks."""
