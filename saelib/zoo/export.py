@@ -20,18 +20,27 @@ from ..paths import data_dir
 from .train_lm import TrainLMConfig
 
 SAMPLE_FILE = "tokens_sample.npy"
+HELDOUT_FILE = "tokens_heldout.npy"
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def token_sample(tokens: np.ndarray, n_ctx: int, n_rows: int, bos_id: int, seed: int = 0) -> np.ndarray:
-    """[n_rows, n_ctx] uint16 windows of ``tokens`` (each BOS + n_ctx-1 tokens), in order, non-overlapping."""
+def token_windows(tokens: np.ndarray, n_ctx: int, n_rows: int | None, bos_id: int, seed: int | None = 0) -> np.ndarray:
+    """[n_rows, n_ctx] uint16 non-overlapping windows of ``tokens``, each BOS + n_ctx-1 tokens.
+
+    ``seed=None`` keeps them in corpus order (all of them when ``n_rows`` is None);
+    otherwise ``n_rows`` windows are drawn at random, so every source is represented.
+    """
     body = n_ctx - 1
-    n_rows = min(n_rows, len(tokens) // body)
-    rows = np.asarray(tokens[: n_rows * body]).reshape(n_rows, body)
-    return np.concatenate([np.full((n_rows, 1), bos_id, dtype=np.uint16), rows.astype(np.uint16)], axis=1)
+    available = len(tokens) // body
+    if seed is None:
+        chosen = np.arange(available if n_rows is None else min(n_rows, available))
+    else:
+        chosen = np.sort(np.random.default_rng(seed).choice(available, size=min(n_rows, available), replace=False))
+    rows = np.stack([np.asarray(tokens[i * body : (i + 1) * body]) for i in chosen]).astype(np.uint16)
+    return np.concatenate([np.full((len(rows), 1), bos_id, dtype=np.uint16), rows], axis=1)
 
 
 def export_embedded(build_dir: Path, out_dir: Path | None = None, sample_rows: int = 16_384, sample_ctx: int = 128) -> Path:
@@ -50,8 +59,12 @@ def export_embedded(build_dir: Path, out_dir: Path | None = None, sample_rows: i
     train_cfg.model.save(out_dir / "config.json")
     shutil.copyfile(tokenizer_path, out_dir / "tokenizer.json")
     shutil.copyfile(build_dir / "name_pool.json", out_dir / "name_pool.json")
+    bos = meta["eot_token_id"]
+    train = np.memmap(build_dir / "tokens" / "train.bin", dtype=np.uint16, mode="r")
     val = np.memmap(build_dir / "tokens" / "val.bin", dtype=np.uint16, mode="r")
-    np.save(out_dir / SAMPLE_FILE, token_sample(val, sample_ctx, sample_rows, meta["eot_token_id"]))
+    # SAE training and dashboards read the sample; evaluations of the LM itself read held-out text.
+    np.save(out_dir / SAMPLE_FILE, token_windows(train, sample_ctx, sample_rows, bos, seed=0))
+    np.save(out_dir / HELDOUT_FILE, token_windows(val, sample_ctx, None, bos, seed=None))
     training = {
         "steps": int(state["step"]),
         "tokens seen": int(state["step"]) * train_cfg.batch_size * train_cfg.model.n_ctx,
@@ -61,7 +74,8 @@ def export_embedded(build_dir: Path, out_dir: Path | None = None, sample_rows: i
         "repeated-chunk share": train_cfg.repeat_share,
         "bf16 autocast": train_cfg.bf16,
         "train tokens in corpus": meta["splits"]["train"]["tokens"],
-        "sample file": f"{SAMPLE_FILE}: {sample_rows} x {sample_ctx} held-out tokens (BOS first)",
+        "token files": f"{SAMPLE_FILE}: {sample_rows} x {sample_ctx} windows of training text; "
+        f"{HELDOUT_FILE}: the held-out split in {sample_ctx}-token windows (BOS first)",
     }
     (out_dir / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     return out_dir

@@ -30,14 +30,22 @@ def ngram_counts(train_tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray,
     return unigram, bigram
 
 
+def spread_windows(tokens: np.ndarray, length: int, max_tokens: int) -> np.ndarray:
+    """[n, length] windows at evenly spaced offsets over all of ``tokens`` (at most ``max_tokens``)."""
+    n = max(1, min(len(tokens) // length, max_tokens // length))
+    starts = np.linspace(0, len(tokens) - length, n).astype(np.int64)
+    return np.stack([np.asarray(tokens[s : s + length]) for s in starts])
+
+
 def ngram_losses(
-    unigram: np.ndarray, bigram: np.ndarray, tokens: np.ndarray, discount: float = 0.75
+    unigram: np.ndarray, bigram: np.ndarray, windows: np.ndarray, discount: float = 0.75
 ) -> tuple[float, float]:
-    """Cross-entropy (nats) on ``tokens`` of an add-one unigram model and of an
-    absolute-discounting bigram model interpolated with that unigram."""
+    """Cross-entropy (nats) predicting tokens 1.. of each window ([n, L], or one 1-D sequence) with
+    an add-one unigram model and an absolute-discounting bigram interpolated with it."""
+    windows = np.atleast_2d(windows)
     V = len(unigram)
     p_uni = (unigram + 1) / (unigram.sum() + V)
-    prev, nxt = tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64)
+    prev, nxt = windows[:, :-1].ravel().astype(np.int64), windows[:, 1:].ravel().astype(np.int64)
     unigram_loss = float(-np.log(p_uni[nxt]).mean())
     counts_2d = bigram.reshape(V, V)
     context_total = counts_2d.sum(axis=1).astype(np.float64)
@@ -52,33 +60,33 @@ def ngram_losses(
 
 
 @torch.no_grad()
-def model_loss_on(model, tokens: np.ndarray, max_tokens: int = 200_000, bos_id: int = 0) -> float:
-    """Mean next-token loss over consecutive windows of ``tokens`` (each BOS + n_ctx-1 tokens)."""
-    body = model.cfg.n_ctx - 1
-    n_windows = max(1, min(len(tokens), max_tokens) // body)
-    windows = np.stack([tokens[i * body : (i + 1) * body] for i in range(n_windows) if (i + 1) * body <= len(tokens)])
+def model_loss_on(model, windows: np.ndarray, bos_id: int = 0) -> float:
+    """Mean loss predicting tokens 1.. of each window ([n, L], L < n_ctx) with BOS prepended,
+    the same tokens ``ngram_losses`` scores (token 0 has no in-window context for a bigram)."""
     batch = torch.from_numpy(windows.astype(np.int64))
     batch = torch.cat([torch.full((len(batch), 1), bos_id), batch], dim=1)
-    losses = [model(chunk, return_type="loss", loss_per_token=True) for chunk in batch.split(16)]
-    # position 0 predicts the first text token from BOS alone; bigrams get no such handicap
-    return float(torch.cat([loss[:, 1:] for loss in losses]).mean())
+    losses = [model(chunk, return_type="loss", loss_per_token=True)[:, 1:] for chunk in batch.split(16)]
+    return float(torch.cat(losses).mean())
 
 
-def measure(model, tokens_dir: Path, names: list[str], n_ioi: int = 200, max_tokens: int = 200_000) -> dict:
+def measure(model, tokens_dir: Path, names: list[str], n_ioi: int = 200, max_tokens: int = 60_000) -> dict:
     """Every number of the model card."""
     meta = json.loads((tokens_dir / "meta.json").read_text())
-    V = meta["vocab_size"]
     train = np.memmap(tokens_dir / "train.bin", dtype=np.uint16, mode="r")
     val = np.memmap(tokens_dir / "val.bin", dtype=np.uint16, mode="r")
-    unigram, bigram = ngram_counts(np.asarray(train), V)
+    unigram, bigram = ngram_counts(np.asarray(train), meta["vocab_size"])
+    length = model.cfg.n_ctx - 1
+
+    def losses(windows: np.ndarray) -> dict:
+        uni, bi = ngram_losses(unigram, bigram, windows)
+        return {"model": model_loss_on(model, windows, meta["eot_token_id"]), "unigram": uni, "bigram": bi}
+
     rows = {}
     for source, span in meta["splits"]["val"]["sources"].items():
-        part = np.asarray(val[span["start"] : span["end"]])
-        uni, bi = ngram_losses(unigram, bigram, part[: max_tokens // 4])
-        rows[source] = {"tokens": int(len(part)), "model": model_loss_on(model, part, max_tokens // 4), "unigram": uni, "bigram": bi}
-    val_sample = np.asarray(val)
-    uni_all, bi_all = ngram_losses(unigram, bigram, val_sample[:max_tokens])
-    overall = {"model": model_loss_on(model, val_sample, max_tokens), "unigram": uni_all, "bigram": bi_all}
+        part = val[span["start"] : span["end"]]
+        if len(part) > length:
+            rows[source] = {"tokens": int(len(part)), **losses(spread_windows(part, length, max_tokens // 4))}
+    overall = losses(spread_windows(val, length, max_tokens))
     induction = induction_losses(model)
     pool = single_token_names(model, names)
     prompts = ioi_prompts(pool, n_prompts=n_ioi)
@@ -148,7 +156,7 @@ def render_card(numbers: dict, verdicts: dict, cfg: dict, training: dict, texts:
         f"| IOI mean logit diff (IO − S) ≥ 1.0 | {ioi['mean_logit_diff']:.3f} over {ioi['n_prompts']} prompts | {'yes' if verdicts['IOI mean logit diff >= 1.0'] else 'NO'} |",
         f"| IOI prompts with positive diff ≥ 80% | {ioi['positive_share']:.1%} | {'yes' if verdicts['IOI positive share >= 80%'] else 'NO'} |",
         "",
-        "Held-out losses (nats/token; unigram add-one, bigram absolute discounting d=0.75 interpolated with it):",
+        "Held-out losses (nats/token, on windows spread over each split; unigram add-one, bigram absolute discounting d=0.75 interpolated with it):",
         "",
         "| source | val tokens | model | unigram | bigram |", "|---|---|---|---|---|",
         f"| **all** | | {o['model']:.3f} | {o['unigram']:.3f} | {o['bigram']:.3f} |",
