@@ -42,6 +42,8 @@ def _train_config(args):
         total_tokens=args.total_tokens,
         batch_size=args.batch_size,
         lr=args.lr,
+        repeat_share=args.repeat_share,
+        random_repeat_share=args.random_repeat_share,
         bf16=not args.fp32,
     )
 
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--total-tokens", type=int, default=40_000_000, help="length of the lr schedule")
             step.add_argument("--batch-size", type=int, default=16, help="sequences of n_ctx tokens per step")
             step.add_argument("--lr", type=float, default=1e-3)
+            step.add_argument("--repeat-share", type=float, default=0.1, help="rows of text chunk + its copy")
+            step.add_argument("--random-repeat-share", type=float, default=0.1, help="rows of random tokens + their copy")
             step.add_argument("--fp32", action="store_true", help="no bfloat16 autocast")
             step.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
             step.add_argument("--max-steps", type=int, help="stop after this many more steps")

@@ -32,11 +32,16 @@ def test_batches_are_a_function_of_seed_and_step(run_cfg):
     assert a.shape == (run_cfg.batch_size, run_cfg.model.n_ctx) and (a[:, 0] == run_cfg.bos_token_id).all()
 
 
-def test_repeated_rows_copy_their_first_half(run_cfg):
-    cfg = dataclasses.replace(run_cfg, repeat_share=1.0)
-    batch = sample_batch(np.fromfile(cfg.train_tokens, dtype=np.uint16), cfg, 0)
+@pytest.mark.parametrize("shares", [(1.0, 0.0), (0.0, 1.0)], ids=["text", "random"])
+def test_repeated_rows_copy_their_first_half(run_cfg, shares):
+    cfg = dataclasses.replace(run_cfg, repeat_share=shares[0], random_repeat_share=shares[1])
+    tokens = np.fromfile(cfg.train_tokens, dtype=np.uint16)
+    batch = sample_batch(tokens, cfg, 0)
     half = (cfg.model.n_ctx - 1) // 2
     assert torch.equal(batch[:, 1 : 1 + half], batch[:, 1 + half : 1 + 2 * half])
+    plain = sample_batch(tokens, dataclasses.replace(cfg, repeat_share=0.0, random_repeat_share=0.0), 0)
+    # text repeats copy the corpus window; random repeats do not come from the corpus
+    assert torch.equal(batch[:, 1 : 1 + half], plain[:, 1 : 1 + half]) == (shares[0] == 1.0)
 
 
 def test_learning_rate_warms_up_then_decays_to_floor(run_cfg):

@@ -53,6 +53,9 @@ class TrainLMConfig:
     repeat_share: float = 0.1
     """Share of sequences made of a real-text chunk followed by its exact copy, to reward
     in-context copying (induction) early."""
+    random_repeat_share: float = 0.0
+    """Share of sequences made of uniformly random tokens followed by their exact copy: text
+    lets a model lower its loss from n-gram statistics alone, random tokens only by copying."""
     seed: int = 0
     """Seeds initialisation and every batch."""
     eval_every: int = 100
@@ -99,9 +102,14 @@ def sample_batch(tokens: np.ndarray, cfg: TrainLMConfig, step: int) -> torch.Ten
     rows = np.empty((B, n_ctx), dtype=np.int64)
     rows[:, 0] = cfg.bos_token_id
     half = body // 2
-    for i, (start, repeat) in enumerate(zip(starts, is_repeat)):
+    if cfg.random_repeat_share > 0:  # drawn only then, so older configs keep their batches
+        is_random = (rng.random(B) < cfg.random_repeat_share) & ~is_repeat
+        random_chunks = rng.integers(1, cfg.model.d_vocab, size=(B, half))
+    else:
+        is_random = np.zeros(B, dtype=bool)
+    for i, (start, repeat) in enumerate(zip(starts, is_repeat | is_random)):
         if repeat:
-            chunk = tokens[start : start + half]
+            chunk = random_chunks[i] if is_random[i] else tokens[start : start + half]
             rows[i, 1 : 1 + half] = chunk
             rows[i, 1 + half : 1 + 2 * half] = chunk
             rows[i, 1 + 2 * half :] = tokens[start + half : start + half + body - 2 * half]
