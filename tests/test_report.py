@@ -53,3 +53,15 @@ def test_notebooks_run_in_numeric_order(tmp_path):
     for name in ["10_b", "02_a", "colab_tutorial", "00_q"]:
         (tmp_path / f"{name}.ipynb").write_text("{}")
     assert [p.stem for p in report.notebook_paths(tmp_path)] == ["00_q", "02_a", "10_b", "colab_tutorial"]
+
+
+def test_quickstart_report_opens_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_PROFILE", "smoke")
+    monkeypatch.setenv("SAELIB_RESULTS", str(tmp_path / "results"))
+    quickstart = next(p for p in report.notebook_paths() if p.name.startswith("00_"))
+    run = report.run_notebook(quickstart, tmp_path / "executed", tmp_path / "reports", timeout=600)
+    assert run["ok"], run
+    html = (tmp_path / "reports" / f"{quickstart.stem}.html").read_text()
+    assert report.remote_resources(html) == []
+    assert "00 · Quickstart" in html and "Plotly.newPlot" in html
+    assert (tmp_path / "results" / "00_quickstart.json").exists()
