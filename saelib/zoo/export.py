@@ -7,7 +7,6 @@ held-out text for harvesting and dashboards, and how the model was trained.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,14 +16,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..paths import data_dir
+from .corpus import sha256_file
 from .train_lm import TrainLMConfig
 
 SAMPLE_FILE = "tokens_sample.npy"
 HELDOUT_FILE = "tokens_heldout.npy"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def token_windows(tokens: np.ndarray, n_ctx: int, n_rows: int | None, bos_id: int, seed: int | None = 0) -> np.ndarray:
@@ -52,7 +48,7 @@ def export_embedded(build_dir: Path, out_dir: Path | None = None, sample_rows: i
     train_cfg = TrainLMConfig.from_dict(state["train_cfg"])
     meta = json.loads((build_dir / "tokens" / "meta.json").read_text())
     tokenizer_path = build_dir / "tokenizer.json"
-    if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != _sha256(tokenizer_path):
+    if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != sha256_file(tokenizer_path):
         raise ValueError(f"{tokenizer_path} is not the tokenizer the tokens were made with: re-run `zoo corpus`")
 
     save_file({k: v.contiguous() for k, v in state["model"].items()}, str(out_dir / "model.safetensors"))

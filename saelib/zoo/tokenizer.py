@@ -14,7 +14,6 @@ with each source's token span, so validation loss can be read per source.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -24,7 +23,7 @@ from typing import Iterable
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .corpus import DEFAULT_ROOT, DEFAULT_STORIES_DOCS, build_corpus, iter_texts, load_manifest
+from .corpus import DEFAULT_ROOT, DEFAULT_STORIES_DOCS, build_corpus, iter_texts, load_manifest, sha256_file
 from .stories import FEMALE_POOL, MALE_POOL, NAME_POOL
 
 EOT = "<|endoftext|>"
@@ -197,10 +196,6 @@ def train_tokenizer(
     return as_transformers(tokenizer)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def tokenize_corpus(
     corpus_dir: str | Path = DEFAULT_ROOT / "corpus",
     tokenizer=DEFAULT_ROOT / "tokenizer.json",
@@ -224,7 +219,7 @@ def tokenize_corpus(
         "splits": {},
     }  # fmt: skip
     if isinstance(tokenizer, (str, Path)):
-        meta["tokenizer_sha256"] = _sha256(Path(tokenizer))
+        meta["tokenizer_sha256"] = sha256_file(Path(tokenizer))
     for split in ("train", "val"):
         path = out_dir / f"{split}.bin"
         tmp = path.with_suffix(".bin.tmp")
