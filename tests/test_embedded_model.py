@@ -9,7 +9,7 @@ import torch
 
 from saelib.models import load_model
 from saelib.paths import data_dir
-from saelib.zoo.probes import induction_losses, ioi_logit_diffs, ioi_prompts, single_token_names
+from saelib.zoo.probes import induction_losses, ioi_logit_diffs, ioi_prompts, model_single_token_names
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_induction_on_repeated_random_tokens(embedded):
 
 @NOT_YET
 def test_indirect_object_identification(embedded):
-    names = single_token_names(embedded, json.loads((data_dir() / "name_pool.json").read_text())["names"])
+    names = model_single_token_names(embedded, json.loads((data_dir() / "name_pool.json").read_text())["names"])
     assert len(names) >= 20
     diffs = ioi_logit_diffs(embedded, ioi_prompts(names, n_prompts=48, seed=7))
     assert diffs.mean() > 0.5 and (diffs > 0).float().mean() > 0.7, diffs

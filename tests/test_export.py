@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -30,7 +31,7 @@ def test_exported_model_loads_with_the_trained_logits(tmp_path, tiny_cfg, monkey
     vocab = len(tokenizer)
     cfg = TrainLMConfig(
         train_tokens=str(build / "tokens" / "train.bin"), val_tokens=str(build / "tokens" / "val.bin"),
-        out_dir=str(build / "run"), model=tiny_cfg.__class__(**{**tiny_cfg.to_dict(), "d_vocab": vocab}),
+        out_dir=str(build / "run"), model=dataclasses.replace(tiny_cfg, d_vocab=vocab),
         batch_size=2, total_tokens=2 * tiny_cfg.n_ctx * 2, eval_every=100,
     )
     trainer = LMTrainer(cfg)

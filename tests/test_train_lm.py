@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -55,11 +56,16 @@ def test_resume_equals_uninterrupted_training(run_cfg, tmp_path):
     straight = LMTrainer(dataclasses.replace(run_cfg, out_dir=str(tmp_path / "straight")))
     straight.run()
     interrupted_cfg = dataclasses.replace(run_cfg, out_dir=str(tmp_path / "interrupted"))
-    LMTrainer(interrupted_cfg).run(max_steps=2)  # "killed" after 2 steps
+    LMTrainer(interrupted_cfg).run(max_steps=2)  # checkpointed at step 2 ...
+    with open(tmp_path / "interrupted" / "metrics.jsonl", "a") as log:  # ... killed after logging step 3
+        log.write(json.dumps({"step": 3, "loss": 99.0}) + "\n")
     resumed = LMTrainer(interrupted_cfg)
     assert resumed.step == 2
     resumed.run()
     assert resumed.step == straight.step == run_cfg.steps()
+    logged = [json.loads(r) for r in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, run_cfg.steps() + 1))
+    assert all(r["loss"] != 99.0 for r in logged)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 

@@ -57,7 +57,7 @@ class IOIPrompt(NamedTuple):
     """``"ABBA"`` or ``"BABA"``: the order of the names in the first clause."""
 
 
-def single_token_names(model, names: list[str]) -> list[str]:
+def model_single_token_names(model, names: list[str]) -> list[str]:
     """The names that are one token when written with a leading space."""
     return [n for n in names if len(model.to_tokens(" " + n, prepend_bos=False)[0]) == 1]
 

@@ -17,7 +17,7 @@ import torch
 
 from ..paths import data_dir
 from .ioi_templates import IOI_EVAL_TEMPLATES
-from .probes import induction_losses, ioi_logit_diffs, ioi_prompts, single_token_names
+from .probes import induction_losses, ioi_logit_diffs, ioi_prompts, model_single_token_names
 
 BARS = {"bigram_margin_nats": 0.5, "induction_ratio": 0.5, "ioi_logit_diff": 1.0, "ioi_positive": 0.8}
 
@@ -88,7 +88,7 @@ def measure(model, tokens_dir: Path, names: list[str], n_ioi: int = 200, max_tok
             rows[source] = {"tokens": int(len(part)), **losses(spread_windows(part, length, max_tokens // 4))}
     overall = losses(spread_windows(val, length, max_tokens))
     induction = induction_losses(model)
-    pool = single_token_names(model, names)
+    pool = model_single_token_names(model, names)
     prompts = ioi_prompts(pool, n_prompts=n_ioi)
     diffs = ioi_logit_diffs(model, prompts)
     per_template = {

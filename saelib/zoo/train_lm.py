@@ -182,6 +182,14 @@ class LMTrainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self._forget_metrics_after(self.step)
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drop log rows of steps past the checkpoint: the resumed run takes them again."""
+        log = self.out_dir / "metrics.jsonl"
+        if log.exists():
+            rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            log.write_text("".join(r + "\n" for r in rows))
 
     def save_checkpoint(self) -> None:
         save_atomic(
