@@ -89,3 +89,36 @@ def test_checkpoint_for_another_model_is_refused(run_cfg):
     other = dataclasses.replace(run_cfg, model=dataclasses.replace(run_cfg.model, d_mlp=128))
     with pytest.raises(ValueError, match="was made for model"):
         LMTrainer(other)
+
+
+def test_copy_warmup_raises_the_random_copy_share_only_early(run_cfg):
+    cfg = dataclasses.replace(run_cfg, repeat_share=0.0, random_repeat_share=0.0, copy_warmup_steps=3, copy_warmup_share=1.0)
+    tokens = np.fromfile(cfg.train_tokens, dtype=np.uint16)
+    half = (cfg.model.n_ctx - 1) // 2
+    plain = dataclasses.replace(cfg, copy_warmup_steps=0)
+    for step, copying in [(0, True), (2, True), (3, False)]:
+        batch = sample_batch(tokens, cfg, step)
+        assert torch.equal(batch[:, 1 : 1 + half], batch[:, 1 + half : 1 + 2 * half]) == copying
+        assert torch.equal(batch, sample_batch(tokens, plain, step)) != copying
+
+
+def test_induction_ratio_is_low_only_for_a_copying_model(tiny_lean):
+    class Copier(torch.nn.Module):
+        """Predicts token t+1 as the token that followed the previous occurrence of token t."""
+
+        cfg = dataclasses.replace(tiny_lean.cfg, d_vocab=5000, n_ctx=64)  # few repeats within one copy
+
+        def forward(self, tokens_BS):
+            B, S = tokens_BS.shape
+            logits = torch.zeros(B, S, self.cfg.d_vocab)
+            for b in range(B):
+                for t in range(S):
+                    earlier = (tokens_BS[b, :t] == tokens_BS[b, t]).nonzero()
+                    if len(earlier):
+                        logits[b, t, tokens_BS[b, earlier[-1, 0] + 1]] = 20.0
+            return logits
+
+    from saelib.zoo.train_lm import induction_ratio
+
+    assert induction_ratio(Copier()) < 0.1
+    assert 0.8 < induction_ratio(tiny_lean) < 1.2

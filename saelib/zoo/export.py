@@ -39,12 +39,18 @@ def token_windows(tokens: np.ndarray, n_ctx: int, n_rows: int | None, bos_id: in
     return np.concatenate([np.full((len(rows), 1), bos_id, dtype=np.uint16), rows], axis=1)
 
 
-def export_embedded(build_dir: Path, out_dir: Path | None = None, sample_rows: int = 16_384, sample_ctx: int = 128) -> Path:
-    """Write the run in ``build_dir/run`` to ``out_dir`` (default ``data/``); returns ``out_dir``."""
+def export_embedded(
+    build_dir: Path,
+    out_dir: Path | None = None,
+    sample_rows: int = 16_384,
+    sample_ctx: int = 128,
+    run_name: str = "run",
+) -> Path:
+    """Write the run in ``build_dir/run_name`` to ``out_dir`` (default ``data/``); returns ``out_dir``."""
     build_dir = Path(build_dir)
     out_dir = Path(out_dir or data_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = torch.load(build_dir / "run" / "checkpoint.pt", weights_only=True, map_location="cpu")
+    state = torch.load(build_dir / run_name / "checkpoint.pt", weights_only=True, map_location="cpu")
     train_cfg = TrainLMConfig.from_dict(state["train_cfg"])
     meta = json.loads((build_dir / "tokens" / "meta.json").read_text())
     tokenizer_path = build_dir / "tokenizer.json"
@@ -68,6 +74,8 @@ def export_embedded(build_dir: Path, out_dir: Path | None = None, sample_rows: i
         "batch (sequences x n_ctx)": f"{train_cfg.batch_size} x {train_cfg.model.n_ctx}",
         "peak lr": train_cfg.lr,
         "repeated-chunk share": train_cfg.repeat_share,
+        "repeated-random-tokens share": train_cfg.random_repeat_share,
+        "started from": train_cfg.init_from or "random initialisation",
         "bf16 autocast": train_cfg.bf16,
         "train tokens in corpus": meta["splits"]["train"]["tokens"],
         "token files": f"{SAMPLE_FILE}: {sample_rows} x {sample_ctx} windows of training text; "

@@ -56,6 +56,12 @@ class TrainLMConfig:
     random_repeat_share: float = 0.0
     """Share of sequences made of uniformly random tokens followed by their exact copy: text
     lets a model lower its loss from n-gram statistics alone, random tokens only by copying."""
+    copy_warmup_steps: int = 0
+    """For this many first steps, ``copy_warmup_share`` of rows are repeated random tokens
+    instead of ``random_repeat_share``: a copy curriculum, so induction heads form before
+    the model settles into n-gram statistics."""
+    copy_warmup_share: float = 0.5
+    """Share of repeated random-token rows during the copy warm-up."""
     seed: int = 0
     """Seeds initialisation and every batch."""
     eval_every: int = 100
@@ -66,6 +72,10 @@ class TrainLMConfig:
     """Wall-clock minutes between checkpoints."""
     bf16: bool = False
     """Run matmuls under bfloat16 autocast (faster on CPUs with AVX512-BF16 or AMX)."""
+    init_from: str = ""
+    """Start from these weights (a checkpoint.pt of an earlier run, or a .safetensors file)
+    instead of a random initialisation: fine-tuning with a fresh schedule and data mix.
+    Ignored once this run has its own checkpoint."""
 
     def steps(self) -> int:
         return max(1, self.total_tokens // (self.batch_size * self.model.n_ctx))
@@ -102,8 +112,9 @@ def sample_batch(tokens: np.ndarray, cfg: TrainLMConfig, step: int) -> torch.Ten
     rows = np.empty((B, n_ctx), dtype=np.int64)
     rows[:, 0] = cfg.bos_token_id
     half = body // 2
-    if cfg.random_repeat_share > 0:  # drawn only then, so older configs keep their batches
-        is_random = (rng.random(B) < cfg.random_repeat_share) & ~is_repeat
+    random_share = cfg.copy_warmup_share if step < cfg.copy_warmup_steps else cfg.random_repeat_share
+    if random_share > 0:  # drawn only then, so older configs keep their batches
+        is_random = (rng.random(B) < random_share) & ~is_repeat
         random_chunks = rng.integers(1, cfg.model.d_vocab, size=(B, half))
     else:
         is_random = np.zeros(B, dtype=bool)
@@ -147,11 +158,42 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights from a trainer checkpoint (``.pt``) or a ``.safetensors`` file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"init_from weights {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, weights_only=True, map_location="cpu")["model"]
+
+
+@torch.no_grad()
+def induction_ratio(model: LeanGPT, seq_len: int = 50, n_seqs: int = 16, bos_token_id: int = 0) -> float:
+    """Loss on the second copy of a repeated random-token sequence over loss on the first
+    (the model card's induction probe, on the training twin): far below 1 once induction heads form."""
+    seq_len = min(seq_len, model.cfg.n_ctx // 2)
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(1234)
+    low = min(300, model.cfg.d_vocab // 4)
+    random_BL = torch.randint(low, model.cfg.d_vocab, (n_seqs, seq_len), generator=generator)
+    tokens = torch.cat([torch.full((n_seqs, 1), bos_token_id), random_BL, random_BL], dim=1)
+    logits = model(tokens[:, :-1])
+    loss_BP = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+    model.train(was_training)
+    first = loss_BP[:, 1:seq_len].mean()
+    second = loss_BP[:, seq_len + 1 : 2 * seq_len].mean()
+    return float(second / first)
+
+
 @torch.no_grad()
 def evaluate(model: LeanGPT, val_tokens: np.ndarray, cfg: TrainLMConfig) -> float:
     """Mean held-out loss over ``eval_batches`` fixed batches (no repeated chunks)."""
     model.eval()
-    eval_cfg = dataclasses.replace(cfg, repeat_share=0.0, seed=cfg.seed + 10_000)
+    eval_cfg = dataclasses.replace(cfg, repeat_share=0.0, random_repeat_share=0.0, copy_warmup_steps=0, seed=cfg.seed + 10_000)
     losses = [model.loss(sample_batch(val_tokens, eval_cfg, i)).item() for i in range(cfg.eval_batches)]
     model.train()
     return float(np.mean(losses))
@@ -171,6 +213,8 @@ class LMTrainer:
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
         if self.checkpoint_path.exists():
             self.load_checkpoint()
+        elif cfg.init_from:
+            self.model.load_state_dict(load_weights(cfg.init_from))
 
     def load_checkpoint(self) -> None:
         state = torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
@@ -237,6 +281,7 @@ class LMTrainer:
             }
             if val_tokens is not None and (self.step % self.cfg.eval_every == 0 or self.step == last_step):
                 record["val_loss"] = evaluate(self.model, val_tokens, self.cfg)
+                record["induction_ratio"] = induction_ratio(self.model, bos_token_id=self.cfg.bos_token_id)
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.update(1)
