@@ -1,6 +1,7 @@
 """``python -m saelib ...``: long jobs from a shell.
 
     python -m saelib run-notebooks [--profile smoke|default|full] [--only 00 02]
+    python -m saelib harvest --hooks blocks.2.hook_resid_post [--model embedded] [--tokens 1000000]
     python -m saelib zoo corpus      # fetch sources, train the tokenizer, tokenize
     python -m saelib zoo train       # train the embedded LM (resumable; re-run to resume)
     python -m saelib zoo export      # copy the trained weights into data/
@@ -24,6 +25,30 @@ def _cmd_run_notebooks(args) -> int:
     return 0 if bool(table["ok"].all()) else 1
 
 
+def _cmd_harvest(args) -> int:
+    import torch
+
+    from .data import token_windows
+    from .harvest import HarvestConfig, harvest
+    from .models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, device=args.device)
+    tokens_NL = token_windows(model, args.tokens, context_len=args.context_len, seed=args.seed)
+    cfg = HarvestConfig(
+        hooks=args.hooks,
+        batch_size=args.batch_size,
+        skip_bos=not args.keep_bos,
+        dtype=args.dtype,
+        out_dir=args.out_dir or "",
+        overwrite=args.overwrite,
+    )
+    for store in harvest(model, tokens_NL, cfg).values():
+        print(f"{store.folder}: {store!r}")
+    return 0
+
+
 def _cmd_zoo_corpus(args) -> int:
     from .zoo.tokenizer import build_all
 
@@ -38,13 +63,17 @@ def _train_config(args):
     return TrainLMConfig(
         train_tokens=str(build / "tokens" / "train.bin"),
         val_tokens=str(build / "tokens" / "val.bin"),
-        out_dir=str(build / "run"),
+        out_dir=str(build / args.run_name),
         total_tokens=args.total_tokens,
         batch_size=args.batch_size,
         lr=args.lr,
         repeat_share=args.repeat_share,
         random_repeat_share=args.random_repeat_share,
         bf16=not args.fp32,
+        warmup_steps=args.warmup_steps,
+        init_from=args.init_from or "",
+        copy_warmup_steps=args.copy_warmup_steps,
+        copy_warmup_share=args.copy_warmup_share,
     )
 
 
@@ -64,7 +93,7 @@ def _cmd_zoo_train(args) -> int:
 def _cmd_zoo_export(args) -> int:
     from .zoo.export import export_embedded
 
-    export_embedded(Path(args.build_dir))
+    export_embedded(Path(args.build_dir), run_name=args.run_name)
     return 0
 
 
@@ -84,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="*", help="notebook name prefixes to run (default: all)")
     run.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     run.set_defaults(func=_cmd_run_notebooks)
+
+    hv = sub.add_parser("harvest", help="store activations of hook points (resumes an interrupted run)")
+    hv.add_argument("--hooks", nargs="+", required=True, help="TransformerLens hook names")
+    hv.add_argument("--model", default="embedded", help="'embedded' or a TransformerLens pretrained name")
+    hv.add_argument("--tokens", type=int, default=1_000_000, help="tokens to run (from the shipped sample text)")
+    hv.add_argument("--context-len", type=int, default=128)
+    hv.add_argument("--seed", type=int, default=0, help="which windows of the sample text")
+    hv.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
+    hv.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    hv.add_argument("--keep-bos", action="store_true", help="also store position 0")
+    hv.add_argument("--out-dir", help="parent folder of the stores (default build/artifacts/stores/<model>)")
+    hv.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+    hv.add_argument("--device", default="cpu")
+    hv.add_argument("--threads", type=int, help="torch threads")
+    hv.set_defaults(func=_cmd_harvest)
 
     zoo = sub.add_parser("zoo", help="build the embedded default model").add_subparsers(dest="step", required=True)
     for name, func, text in [
@@ -107,12 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
             step.add_argument("--max-steps", type=int, help="stop after this many more steps")
             step.add_argument("--threads", type=int, help="torch threads")
+            step.add_argument("--warmup-steps", type=int, default=200, help="linear lr warm-up steps")
+            step.add_argument("--copy-warmup-steps", type=int, default=0, help="first steps with more random-copy rows")
+            step.add_argument("--copy-warmup-share", type=float, default=0.5, help="random-copy share in those steps")
+            step.add_argument("--init-from", help="start from these weights (checkpoint.pt or .safetensors)")
+        if name in ("train", "export"):
+            step.add_argument("--run-name", default="run", help="run folder under --build-dir")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .models import ModelNeedsNetworkError, UnknownHookError, UnknownModelError
+    from .store import StoreError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ModelNeedsNetworkError, UnknownModelError, UnknownHookError, StoreError, FileNotFoundError) as err:
+        # Errors that explain themselves: their message, without a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

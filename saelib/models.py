@@ -151,3 +151,23 @@ def randomize_weights(model, keep_embeddings: bool = False, seed: int = 0):
         fresh = torch.randn(param.shape, generator=generator) * std + mean
         param.copy_(fresh.to(param.dtype))
     return clone
+
+
+@torch.no_grad()
+def model_fingerprint(model) -> str:
+    """A short hash of a model's shape and weights: equal for the same weights, different for a
+    retrained or re-randomised model. Activation stores record it to catch model mix-ups."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    cfg = model.cfg
+    digest.update(f"{cfg.n_layers}/{cfg.d_model}/{cfg.d_vocab}/{cfg.n_heads}/{cfg.d_mlp}".encode())
+    for name, param in sorted(model.state_dict().items()):
+        if name.endswith((".mask", ".IGNORE")):
+            continue
+        # A strided sample of each tensor is enough to tell models apart and stays fast for GPT-2.
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256]
+        digest.update(name.encode())
+        digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,161 @@
+"""Harvest activations of several hook points in one forward pass into activation stores.
+
+    stores = harvest(model, token_windows(model, 1_000_000), HarvestConfig(hooks=[
+        "blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"]))
+
+The forward pass stops after the last block any hook needs (``stop_at_layer``), runs
+without autograd, and each hook's vectors stream into its own store folder
+(``saelib.store``). Re-running the same call after a kill resumes where the stores stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .models import check_hook_name, hook_layer, model_fingerprint
+from .paths import artifacts_dir
+from .store import ActivationStore, StoreManifest, StoreWriter
+
+# Hooks outside the blocks that are computed before block 0.
+_EMBEDDING_HOOKS = ("hook_embed", "hook_pos_embed", "hook_tokens")
+
+
+@dataclass
+class HarvestConfig:
+    """What to harvest and how to store it."""
+
+    hooks: list[str] = field(default_factory=lambda: ["blocks.1.hook_resid_post"])
+    """TransformerLens hook names, all filled by the same forward passes."""
+    batch_size: int = 32
+    """Context windows per forward pass."""
+    skip_bos: bool = True
+    """Leave out position 0 (BOS): its activations are far larger than any other position's
+    and would dominate an SAE's loss. Set False to keep it."""
+    dtype: str = "float16"
+    """On-disk dtype, ``float16`` (half the disk) or ``float32`` (exact)."""
+    shard_mb: float = 64.0
+    """Target shard size in MiB; rows per shard follow from d_in and dtype."""
+    out_dir: str = ""
+    """Parent folder of the stores; default ``<artifacts>/stores/<model>``. Each hook gets
+    its own sub-folder named after the hook."""
+    overwrite: bool = False
+    """Start the stores afresh instead of resuming them."""
+    progress: bool = True
+    """Show a tqdm bar."""
+
+
+def model_label(model) -> str:
+    """The name a store records for ``model``: ``"embedded"`` or the TransformerLens name."""
+    name = model.cfg.model_name
+    return "embedded" if name == "saelib-embedded" else name
+
+
+def default_store_root(model) -> Path:
+    return artifacts_dir() / "stores" / model_label(model)
+
+
+def store_folder(root: str | Path, hook: str) -> Path:
+    """One folder per hook point under ``root``."""
+    return Path(root) / hook
+
+
+def stop_layer(model, hooks: list[str]) -> int | None:
+    """Blocks to run so every hook fires: the ``stop_at_layer`` argument (None: whole model)."""
+    needed = 0
+    for hook in hooks:
+        layer = hook_layer(hook)
+        if layer is None:
+            if hook in _EMBEDDING_HOOKS:
+                continue
+            return None  # e.g. ln_final: needs every block
+        needed = max(needed, layer + 1)
+    return max(1, needed)
+
+
+def _capture(model, tokens_BL: torch.Tensor, hooks: list[str], stop: int | None) -> dict[str, torch.Tensor]:
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(act, hook):
+        captured[hook.name] = act
+
+    model.run_with_hooks(tokens_BL, fwd_hooks=[(h, keep) for h in hooks], stop_at_layer=stop, return_type=None)
+    return captured
+
+
+def _rows(act: torch.Tensor, first_position: int) -> torch.Tensor:
+    """[batch, pos, ...] -> [batch * (pos - first_position), d] with head axes flattened
+    (a view where possible: the store's dtype cast makes the one copy)."""
+    return act[:, first_position:].flatten(0, 1).flatten(1)
+
+
+@torch.inference_mode()
+def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str | None = None) -> dict[str, ActivationStore]:
+    """Run ``model`` over ``tokens_NL`` [n_contexts, context_len] and store every hook's
+    activations; returns ``{hook: ActivationStore}``. Resumes stores a killed run left."""
+    hooks = [check_hook_name(model, h) for h in dict.fromkeys(cfg.hooks)]
+    if tokens_NL.ndim != 2:
+        raise ValueError(f"tokens must be [n_contexts, context_len], got shape {tuple(tokens_NL.shape)}")
+    n_contexts, context_len = tokens_NL.shape
+    first_position = 1 if cfg.skip_bos else 0
+    if context_len <= first_position:
+        raise ValueError("contexts must hold at least one token besides BOS")
+    root = Path(cfg.out_dir) if cfg.out_dir else default_store_root(model)
+    stop = stop_layer(model, hooks)
+    device = model.cfg.device
+    # One short pass tells each hook's width.
+    probe = _capture(model, tokens_NL[:1, : first_position + 1].to(device), hooks, stop)
+    fingerprint = model_fingerprint(model)
+    itemsize = np.dtype(cfg.dtype).itemsize
+    writers = {}
+    for hook in hooks:
+        d_in = _rows(probe[hook], first_position).shape[1]
+        manifest = StoreManifest(
+            model=model_name or model_label(model),
+            model_fingerprint=fingerprint,
+            hook=hook,
+            d_in=d_in,
+            dtype=cfg.dtype,
+            shard_rows=max(1, int(cfg.shard_mb * 2**20 // (d_in * itemsize))),
+            context_len=context_len,
+            n_contexts=n_contexts,
+            first_position=first_position,
+            contexts_sha256="",
+        )
+        writers[hook] = StoreWriter(store_folder(root, hook), manifest, tokens_NL.numpy(), overwrite=cfg.overwrite)
+
+    rows_per_context = context_len - first_position
+    # Resume from the least advanced store; stores further ahead drop rows they already hold.
+    start = min(w.start_row for w in writers.values()) // rows_per_context
+    for writer in writers.values():
+        writer.seek(start * rows_per_context)
+    bar = tqdm(
+        total=n_contexts * context_len,
+        initial=start * context_len,
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest {len(hooks)} hook{'s' * (len(hooks) > 1)}",
+        disable=not cfg.progress,
+    )
+    try:
+        for lo in range(start, n_contexts, cfg.batch_size):
+            batch = tokens_NL[lo : lo + cfg.batch_size].to(device)
+            wanted = [h for h, w in writers.items() if w.wants_rows(len(batch) * rows_per_context)]
+            captured = _capture(model, batch, wanted, stop) if wanted else {}
+            for hook, writer in writers.items():
+                if hook in captured:
+                    writer.append(_rows(captured[hook], first_position))
+                else:
+                    writer.seek(writer.next_row + len(batch) * rows_per_context)
+            bar.update(batch.numel())
+    except BaseException:  # an interrupt too: shards already written stay, the next call resumes
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    return {hook: writer.close() for hook, writer in writers.items()}

@@ -1,0 +1,526 @@
+"""The on-disk activation store: one folder per (model, hook), fixed-size shards.
+
+Layout of a store folder::
+
+    manifest.json       model, fingerprint, hook, d_in, dtype, shards (rows, sha256), stats
+    contexts.npy        [n_contexts, context_len] int32 token windows the rows came from
+    shard_00000.npy     [shard_rows, d_in] float16/float32 activation vectors
+    ...
+
+Row ``r`` of the store is position ``first_position + r % rows_per_context`` of
+context ``r // rows_per_context`` (rows are written in context order), so dashboards can
+show any activation in its text without extra index files.
+
+Every shard is written to a temporary file and renamed, and only then listed in the
+manifest (itself replaced atomically). A reader accepts only listed shards whose size
+and sha256 match, so a killed harvest never leaves a half shard that is read as data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONTEXTS = "contexts.npy"
+DTYPES = ("float16", "float32")
+
+
+class StoreError(ValueError):
+    """A store cannot be used as asked; the message says why and what to do."""
+
+
+class CorruptShardError(StoreError):
+    """A shard is truncated, altered or missing (its size or sha256 disagrees with the manifest)."""
+
+
+class StoreMismatchError(StoreError):
+    """A store does not fit what it is used with (another model, hook or d_in)."""
+
+
+class NonFiniteActivationsError(StoreError):
+    """NaN or infinite activations were about to be written."""
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    """File name inside the store folder."""
+    rows: int
+    """Activation vectors in this shard."""
+    sha256: str
+    """Checksum of the whole ``.npy`` file."""
+
+
+@dataclass
+class StoreManifest:
+    """What ``manifest.json`` holds; fields are read back with the same names."""
+
+    model: str
+    """Model name as given to ``load_model`` (``"embedded"``, ``"pythia-70m-deduped"``...)."""
+    model_fingerprint: str
+    """Hash of the model's weights (``saelib.models.model_fingerprint``): tells apart a
+    trained model from its random-weight control even under the same name."""
+    hook: str
+    """TransformerLens hook name, e.g. ``blocks.2.hook_resid_post``."""
+    d_in: int
+    """Length of each activation vector (hooks with head axes are flattened)."""
+    dtype: str
+    """``float16`` or ``float32`` on disk; readers always return float32."""
+    shard_rows: int
+    """Rows per shard; only the last shard may hold fewer."""
+    context_len: int
+    """Tokens per context window (BOS included)."""
+    n_contexts: int
+    """Context windows the harvest will cover when complete."""
+    first_position: int
+    """1 when the BOS position is skipped, else 0."""
+    contexts_sha256: str
+    """Checksum of ``contexts.npy``; a resumed harvest must use the same tokens."""
+    shards: list[ShardInfo] = field(default_factory=list)
+    """Shards written so far, in row order."""
+    complete: bool = False
+    """True once every context has been harvested."""
+    mean: list[float] = field(default_factory=list)
+    """Running per-dimension mean of the rows written so far: [d_in]."""
+    mean_norm: float = 0.0
+    """Running mean L2 norm of the rows written so far."""
+    mean_sq_norm: float = 0.0
+    """Running mean squared L2 norm (for fraction-of-variance computations)."""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context_len - self.first_position
+
+    @property
+    def n_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def expected_rows(self) -> int:
+        return self.n_contexts * self.rows_per_context
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StoreManifest":
+        values = json.loads(text)
+        values["shards"] = [ShardInfo(**s) for s in values.get("shards", [])]
+        return cls(**values)
+
+
+def sha256_of(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, then rename over ``path``: readers see all of it or none."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _save_npy(array: np.ndarray):
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+
+    return write
+
+
+def _npy_bytes(rows: int, d_in: int, dtype: str) -> int:
+    """Exact size of an ``.npy`` file holding a C-ordered [rows, d_in] array."""
+    header = np.lib.format.header_data_from_array_1_0(np.empty((0, d_in), dtype=dtype))
+    header["shape"] = (rows, d_in)
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.tell() + rows * d_in * np.dtype(dtype).itemsize
+
+
+def _sums_of(rows_ND: torch.Tensor) -> tuple[np.ndarray, float, float]:
+    """(sum of rows [d_in] float64, sum of norms, sum of squared norms) of one shard."""
+    values = rows_ND.float()
+    sq_norms_N = (values * values).sum(dim=1)
+    total_D = (torch.ones(1, len(values)) @ values)[0]  # a matmul: far faster than sum(dim=0)
+    return total_D.double().numpy(), float(sq_norms_N.sqrt().sum()), float(sq_norms_N.double().sum())
+
+
+def _stats_of(store: "ActivationStore") -> tuple[list[float], float, float]:
+    """(mean, mean norm, mean squared norm) of every row in ``store``."""
+    total, total_norm, total_sq, count = 0.0, 0.0, 0.0, 0
+    for index in range(len(store.manifest.shards)):
+        values = torch.from_numpy(np.array(store.shard(index)))
+        shard_total, shard_norm, shard_sq = _sums_of(values)
+        total, total_norm, total_sq, count = total + shard_total, total_norm + shard_norm, total_sq + shard_sq, count + len(values)
+    if count == 0:
+        return [], 0.0, 0.0
+    return (total / count).tolist(), total_norm / count, total_sq / count
+
+
+class ActivationStore:
+    """Read side of a store folder: memory-mapped shards, checked before use.
+
+    ``verify``: ``"lazy"`` (default) checks each shard's sha256 the first time it is read,
+    ``"full"`` checks every shard now, ``"size"`` only checks file sizes (fast, catches
+    truncation but not altered bytes).
+    """
+
+    def __init__(self, folder: str | Path, verify: str = "lazy"):
+        self.folder = Path(folder)
+        if verify not in ("lazy", "full", "size"):
+            raise ValueError(f"verify must be 'lazy', 'full' or 'size', not {verify!r}")
+        path = self.folder / MANIFEST
+        if not path.exists():
+            raise StoreError(f"{self.folder} is not an activation store (no {MANIFEST}); harvest one first")
+        self.manifest = StoreManifest.from_json(path.read_text())
+        if self.manifest.format_version != FORMAT_VERSION:
+            raise StoreError(f"{self.folder} has store format {self.manifest.format_version}, this saelib reads {FORMAT_VERSION}")
+        self._verified: set[int] = set()
+        for index in range(len(self.manifest.shards)):
+            self._check_size(index)
+            if verify == "full":
+                self._check_sha(index)
+
+    # -- description -------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.manifest.d_in
+
+    @property
+    def hook(self) -> str:
+        return self.manifest.hook
+
+    @property
+    def n_rows(self) -> int:
+        return self.manifest.n_rows
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        state = "complete" if m.complete else f"incomplete: {m.n_rows}/{m.expected_rows} rows"
+        return f"ActivationStore({m.model} {m.hook}, d_in={m.d_in}, {m.n_rows} rows in {len(m.shards)} shards, {m.dtype}, {state})"
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-dimension mean of all rows: [d_in] float32."""
+        return torch.tensor(self.manifest.mean, dtype=torch.float32)
+
+    @property
+    def norm_scale(self) -> float:
+        """Factor that brings the mean squared norm to ``d_in`` (rows of unit RMS), the usual
+        input normalisation for SAE training; an SAE trained on scaled rows is folded back on save."""
+        return float((self.d_in / max(self.manifest.mean_sq_norm, 1e-12)) ** 0.5)
+
+    # -- checks ------------------------------------------------------------------------
+    def _shard_path(self, index: int) -> Path:
+        return self.folder / self.manifest.shards[index].file
+
+    def _check_size(self, index: int) -> None:
+        info, path = self.manifest.shards[index], self._shard_path(index)
+        if not path.exists():
+            raise CorruptShardError(f"shard {path} is listed in the manifest but missing; {self._fix_hint(index)}")
+        expected = _npy_bytes(info.rows, self.d_in, self.manifest.dtype)
+        actual = path.stat().st_size
+        if actual != expected:
+            raise CorruptShardError(
+                f"shard {path} is truncated or damaged: {actual} bytes, expected {expected} "
+                f"for {info.rows} x {self.d_in} {self.manifest.dtype}; {self._fix_hint(index)}"
+            )
+
+    def _check_sha(self, index: int) -> None:
+        if index in self._verified:
+            return
+        info, path = self.manifest.shards[index], self._shard_path(index)
+        if sha256_of(path) != info.sha256:
+            raise CorruptShardError(f"shard {path} fails its sha256 check (altered or damaged); {self._fix_hint(index)}")
+        self._verified.add(index)
+
+    def _fix_hint(self, index: int) -> str:
+        return (
+            f"run the same harvest again with resume: it re-checks the shards and rewrites shard {index} "
+            "onwards (or delete the store folder and harvest from scratch)"
+        )
+
+    def require(self, d_in: int | None = None, model=None, model_name: str | None = None, hook: str | None = None) -> None:
+        """Raise ``StoreMismatchError`` unless the store fits this SAE width / model / hook."""
+        m = self.manifest
+        if d_in is not None and d_in != m.d_in:
+            raise StoreMismatchError(
+                f"d_in mismatch: the SAE expects vectors of length {d_in}, but store {self.folder} "
+                f"({m.hook}) holds length {m.d_in}; build the SAE with d_in={m.d_in} or use a store of the right hook"
+            )
+        if hook is not None and hook != m.hook:
+            raise StoreMismatchError(f"store {self.folder} holds hook {m.hook!r}, not {hook!r}")
+        if model_name is not None and model_name != m.model:
+            raise StoreMismatchError(f"store {self.folder} was harvested from model {m.model!r}, not {model_name!r}")
+        if model is not None:
+            from .models import model_fingerprint
+
+            if model_fingerprint(model) != m.model_fingerprint:
+                raise StoreMismatchError(
+                    f"store {self.folder} was harvested from a different model ({m.model!r}, weights "
+                    f"{m.model_fingerprint}) than the one loaded (weights {model_fingerprint(model)}); "
+                    "harvest again with this model, or load the model the store came from"
+                )
+
+    # -- reading -----------------------------------------------------------------------
+    def shard(self, index: int) -> np.ndarray:
+        """Shard ``index`` memory-mapped read-only: [rows, d_in] in the stored dtype."""
+        self._check_sha(index)
+        return np.load(self._shard_path(index), mmap_mode="r")
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` in store order as float32: [stop - start, d_in]."""
+        pieces, offset = [], 0
+        for index, info in enumerate(self.manifest.shards):
+            lo, hi = max(start, offset), min(stop, offset + info.rows)
+            if lo < hi:
+                pieces.append(np.asarray(self.shard(index)[lo - offset : hi - offset], dtype=np.float32))
+            offset += info.rows
+        if not pieces:
+            return torch.empty(0, self.d_in)
+        return torch.from_numpy(np.concatenate(pieces))
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_rows: int = 1 << 18,
+        chunk_rows: int = 2048,
+        epochs: int = 1,
+        drop_last: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Float32 batches [batch_size, d_in] over the store, ``epochs`` times.
+
+        With ``shuffle``, chunks of ``chunk_rows`` consecutive rows are visited in random
+        order across all shards and mixed in a buffer of at most ``buffer_rows`` rows, so
+        RAM use is set by ``buffer_rows`` and not by the store's size.
+        """
+        rng = np.random.default_rng(seed)
+        chunks = [
+            (index, lo, min(lo + chunk_rows, info.rows))
+            for index, info in enumerate(self.manifest.shards)
+            for lo in range(0, info.rows, chunk_rows)
+        ]
+        buffer_rows = max(buffer_rows, 2 * batch_size)
+        for _ in range(epochs):
+            order = rng.permutation(len(chunks)) if shuffle else range(len(chunks))
+            buffer: list[np.ndarray] = []
+            held = 0
+            for chunk_index in order:
+                index, lo, hi = chunks[chunk_index]
+                buffer.append(np.asarray(self.shard(index)[lo:hi], dtype=np.float32))
+                held += hi - lo
+                if held >= buffer_rows:
+                    pool = np.concatenate(buffer)
+                    if shuffle:
+                        pool = pool[rng.permutation(len(pool))]
+                    # Emit half the pool and keep the rest to mix with rows still to come.
+                    n_out = (len(pool) // 2 // batch_size) * batch_size
+                    for b in range(0, n_out, batch_size):
+                        yield torch.from_numpy(pool[b : b + batch_size])
+                    buffer, held = [pool[n_out:]], len(pool) - n_out
+            if buffer:
+                pool = np.concatenate(buffer)
+                if shuffle:
+                    pool = pool[rng.permutation(len(pool))]
+                for b in range(0, len(pool), batch_size):
+                    if b + batch_size <= len(pool) or not drop_last:
+                        yield torch.from_numpy(pool[b : b + batch_size])
+
+    # -- token records -----------------------------------------------------------------
+    def contexts(self) -> np.ndarray:
+        """The token windows the rows came from: [n_contexts, context_len] int32 (memory-mapped)."""
+        return np.load(self.folder / CONTEXTS, mmap_mode="r")
+
+    def locate(self, rows: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+        """(context index, token position) of store rows."""
+        rows = np.asarray(rows)
+        per = self.manifest.rows_per_context
+        return rows // per, self.manifest.first_position + rows % per
+
+    def tokens_of(self, rows: np.ndarray | int) -> np.ndarray:
+        """Token id at each store row."""
+        context, position = self.locate(rows)
+        return np.asarray(self.contexts()[context, position])
+
+
+class StoreWriter:
+    """Write side of a store folder: buffers rows, writes full shards atomically, resumes.
+
+    Rows must be appended in store order (context by context). ``start_row`` tells a
+    resumed harvest where this store stopped; rows before it are dropped on append.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        manifest: StoreManifest,
+        contexts: np.ndarray,
+        overwrite: bool = False,
+    ):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if manifest.dtype not in DTYPES:
+            raise StoreError(f"dtype must be one of {DTYPES}, not {manifest.dtype!r}")
+        contexts = np.ascontiguousarray(contexts, dtype=np.int32)
+        manifest.contexts_sha256 = hashlib.sha256(contexts.tobytes()).hexdigest()
+        existing = self.folder / MANIFEST
+        if existing.exists() and not overwrite:
+            self.manifest = self._resume(StoreManifest.from_json(existing.read_text()), manifest)
+        else:
+            for stale in self.folder.glob("shard_*.npy*"):
+                stale.unlink()
+            self.manifest = manifest
+            write_atomic(self.folder / CONTEXTS, _save_npy(contexts))
+            self._write_manifest()
+        self.start_row = self.manifest.n_rows
+        self.next_row = self.start_row  # store row index of the next row handed to append
+        self._pending: list[torch.Tensor] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._in_flight: Future | None = None
+        self._pending_rows = 0
+        self._sum = np.asarray(self.manifest.mean or np.zeros(manifest.d_in), dtype=np.float64) * self.start_row
+        self._sum_norm = self.manifest.mean_norm * self.start_row
+        self._sum_sq_norm = self.manifest.mean_sq_norm * self.start_row
+
+    def _resume(self, old: StoreManifest, new: StoreManifest) -> StoreManifest:
+        for name in ("model", "model_fingerprint", "hook", "d_in", "dtype", "shard_rows", "context_len", "first_position", "contexts_sha256"):
+            if getattr(old, name) != getattr(new, name):
+                raise StoreMismatchError(
+                    f"{self.folder} holds a store with {name}={getattr(old, name)!r}, but this harvest has "
+                    f"{name}={getattr(new, name)!r}; use another folder or pass overwrite=True"
+                )
+        # Keep the longest prefix of shards that are intact; later ones are rewritten.
+        reader = ActivationStore.__new__(ActivationStore)
+        reader.folder, reader.manifest, reader._verified = self.folder, old, set()
+        good = 0
+        for index in range(len(old.shards)):
+            try:
+                reader._check_size(index)
+                reader._check_sha(index)
+            except CorruptShardError:
+                break
+            good += 1
+        if good < len(old.shards):
+            dropped = old.shards[good:]
+            old.shards = old.shards[:good]
+            old.complete = False
+            # Running statistics covered the dropped rows too; recompute them from what is kept.
+            old.mean, old.mean_norm, old.mean_sq_norm = _stats_of(reader)
+            for info in dropped:
+                (self.folder / info.file).unlink(missing_ok=True)
+        old.n_contexts = new.n_contexts
+        self.manifest = old
+        self._write_manifest()
+        return old
+
+    @property
+    def done(self) -> bool:
+        return self.manifest.complete
+
+    def seek(self, row: int) -> None:
+        """Declare the store row of the next appended row (a resumed harvest starts mid-store)."""
+        if self._pending_rows:
+            raise StoreError("seek while rows are buffered would misplace them")
+        self.next_row = row
+
+    def wants_rows(self, n: int) -> bool:
+        """Whether any of the next ``n`` rows is one this store does not hold yet."""
+        return self.next_row + n > self.start_row
+
+    def append(self, acts_ND: torch.Tensor) -> None:
+        """Add the next rows in store order; writes a shard whenever ``shard_rows`` are buffered."""
+        n = acts_ND.shape[0]
+        skip = min(n, max(0, self.start_row - self.next_row))  # rows this store already has
+        self.next_row += n
+        if skip == n:
+            return
+        stored = acts_ND[skip:].detach().to("cpu", getattr(torch, self.manifest.dtype))
+        # Checked after the cast, so values that overflow float16 are caught too.
+        finite_N = torch.isfinite(stored).all(dim=1)
+        if not bool(finite_N.all()):
+            bad = (~finite_N).nonzero()[:, 0]
+            context, position = divmod(self.next_row - n + skip + int(bad[0]), self.manifest.rows_per_context)
+            raise NonFiniteActivationsError(
+                f"{len(bad)} activation vectors of {self.manifest.hook} are NaN or inf as "
+                f"{self.manifest.dtype} (first at context {context}, position "
+                f"{position + self.manifest.first_position}); nothing of this batch was written. "
+                "Check the model weights, or harvest with dtype='float32' if float16 overflowed."
+            )
+        self._pending.append(stored)
+        self._pending_rows += len(stored)
+        while self._pending_rows >= self.manifest.shard_rows:
+            self._write_shard(self.manifest.shard_rows)
+
+    def _write_shard(self, rows: int) -> None:
+        pool = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        shard, rest = pool[:rows].contiguous(), pool[rows:]
+        self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
+        # Disk write, checksum and statistics overlap the next forward pass; one shard in
+        # flight at a time keeps memory bounded and the manifest in shard order.
+        self._wait_for_writes()
+        self._in_flight = self._executor.submit(self._persist, shard)
+
+    def _wait_for_writes(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.result()  # re-raises an error of the writing thread
+            self._in_flight = None
+
+    def _persist(self, shard_ND: torch.Tensor) -> None:
+        index = len(self.manifest.shards)
+        path = self.folder / f"shard_{index:05d}.npy"
+        write_atomic(path, _save_npy(shard_ND.numpy()))
+        self.manifest.shards.append(ShardInfo(path.name, len(shard_ND), sha256_of(path)))
+        total, total_norm, total_sq = _sums_of(shard_ND)
+        self._sum += total
+        self._sum_norm += total_norm
+        self._sum_sq_norm += total_sq
+        written = self.manifest.n_rows
+        self.manifest.mean = (self._sum / written).tolist()
+        self.manifest.mean_norm = self._sum_norm / written
+        self.manifest.mean_sq_norm = self._sum_sq_norm / written
+        self._write_manifest()
+
+    def abort(self) -> None:
+        """Stop after an error or interrupt: let the shard being written land, drop buffered rows."""
+        try:
+            self._wait_for_writes()
+        finally:
+            self._executor.shutdown()
+            self._pending, self._pending_rows = [], 0
+
+    def close(self) -> ActivationStore:
+        """Write the last, possibly short, shard; mark the store complete if every row is in."""
+        if self._pending_rows:
+            self._write_shard(self._pending_rows)
+        self._wait_for_writes()
+        self._executor.shutdown()
+        self.manifest.complete = self.manifest.n_rows >= self.manifest.expected_rows
+        self._write_manifest()
+        return ActivationStore(self.folder, verify="size")
+
+    def _write_manifest(self) -> None:
+        text = self.manifest.to_json()
+        write_atomic(self.folder / MANIFEST, lambda tmp: tmp.write_text(text))
