@@ -1,0 +1,153 @@
+"""SAE training speed: saelib's TopK and ReLU against plain dense PyTorch and SAELens.
+
+    python benchmarks/bench_train.py [--steps 12] [--threads 2] [--shapes 256,4096,32 512,16384,64]
+    PYTHONPATH=/path/to/sae_lens/site python benchmarks/bench_train.py   # adds SAELens rows
+
+For each shape (d_in, d_sae, k) every trainer runs the same number of steps on the same
+batches (batch 4096), in this one process, so the ratios are fair under background load:
+
+- ``saelib topk``: ``saelib.train`` (sparse decoder and sparse weight gradients, AuxK on)
+- ``dense topk``: the same TopK loss in plain PyTorch autograd (dense decoder and grads)
+- ``sae_lens topk``: SAELens's ``SAETrainer`` with a ``TopKTrainingSAE`` at its defaults,
+  when ``sae_lens`` can be imported
+- ``saelib relu``: ``saelib.train`` with an L1 penalty (dense, as ReLU latents are)
+
+Data: a fixed pool of toy vectors (``saelib.toy``, 4 x d_in ground-truth features) cycled
+in the same order for every trainer, so FVU after the same tokens is comparable. Each
+row prints tokens/s, FVU on held-out vectors after training, the ratio to SAELens (else
+to dense), and achieved FLOP/s against a plain fp32 matmul measured in this run. FLOPs
+are counted as the work each method must do: a dense step is 6 * B * d_in * d_sae
+(encoder forward, decoder forward, two weight gradients... counted once each as 2*B*D*F,
+the input gradient not needed); a sparse TopK step is the dense encoder forward 2*B*D*F
+plus 8 * B * k * d_in for the sparse decoder and gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+
+from saelib.sae import SAEConfig, make_sae
+from saelib.toy import ToyConfig, ToyData
+from saelib.train import TrainConfig, train_sae
+
+BATCH = 4096
+
+
+def matmul_flops(d_in: int, d_sae: int, repeats: int = 5) -> float:
+    a, w = torch.randn(BATCH, d_in), torch.randn(d_in, d_sae)
+    a @ w
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ w
+    return 2 * BATCH * d_in * d_sae * repeats / (time.perf_counter() - started)
+
+
+def fvu(reconstruct, x_ND: torch.Tensor) -> float:
+    with torch.no_grad():
+        err = (reconstruct(x_ND) - x_ND).pow(2).sum()
+        return float(err / (x_ND - x_ND.mean(0)).pow(2).sum())
+
+
+def run_saelib(pool, steps, d_in, d_sae, k, architecture):
+    cfg = TrainConfig(total_tokens=steps * BATCH, batch_size=BATCH, lr=1e-3, progress=False,
+                      l1_coefficient=3.0 if architecture == "relu" else 0.0, dead_tokens=2 * BATCH)
+    batches = lambda: itertools.islice(itertools.cycle(pool), steps)  # noqa: E731
+    started = time.perf_counter()
+    result = train_sae(SAEConfig(d_in, d_sae, architecture, k=k), batches, cfg)
+    return time.perf_counter() - started, lambda x: result.sae(x).recon_BD
+
+
+def run_dense_topk(pool, steps, d_in, d_sae, k):
+    """The TopK SAE in plain autograd: what a straightforward implementation costs."""
+    torch.manual_seed(0)
+    W_dec = torch.nn.functional.normalize(torch.randn(d_sae, d_in), dim=1).requires_grad_()
+    W_enc = W_dec.detach().T.clone().requires_grad_()
+    b_enc = torch.zeros(d_sae, requires_grad=True)
+    b_dec = pool[0].mean(0).clone().requires_grad_()
+    params = [W_enc, b_enc, W_dec, b_dec]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+
+    def forward(x):
+        pre = (x - b_dec) @ W_enc + b_enc
+        values, indices = pre.topk(k, dim=-1)
+        latents = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        return latents @ W_dec + b_dec
+
+    started = time.perf_counter()
+    with torch.enable_grad():
+        for x in itertools.islice(itertools.cycle(pool), steps):
+            loss = (forward(x) - x).pow(2).sum(-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                W_dec /= W_dec.norm(dim=1, keepdim=True)
+    return time.perf_counter() - started, forward
+
+
+def run_saelens_topk(pool, steps, d_in, d_sae, k):
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    # lr and lr_end as the LLM runner would fill them in (its defaults: 3e-4, lr / 10).
+    trainer_cfg = SAETrainerConfig(total_training_samples=steps * BATCH, train_batch_size_samples=BATCH, lr=3e-4, lr_end=3e-5)
+    trainer = SAETrainer(trainer_cfg,
+                         sae, data_provider=itertools.cycle(pool))
+    started = time.perf_counter()
+    trained = trainer.fit()
+    seconds = time.perf_counter() - started
+    return seconds, lambda x: trained.decode(trained.encode(x))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=12, help="optimiser steps per trainer and shape")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shapes", nargs="+", default=["256,4096,32", "512,16384,64"], help="d_in,d_sae,k")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import sae_lens  # noqa: F401
+
+        have_saelens = True
+    except ImportError:
+        have_saelens = False
+    print(f"batch {BATCH}, {args.steps} steps each, {args.threads} threads, SAELens "
+          f"{'found' if have_saelens else 'not importable: its rows are skipped'}")
+    header = f"{'shape':>16s} {'trainer':>14s} {'tok/s':>8s} {'FVU':>6s} {'vs ref':>7s} {'GFLOP/s':>8s} {'of matmul':>9s}"
+    for shape in args.shapes:
+        d_in, d_sae, k = (int(v) for v in shape.split(","))
+        toy = ToyData(ToyConfig(d=d_in, n_features=4 * d_in, avg_active=2 * k, decay=0.999))
+        generator = torch.Generator().manual_seed(0)
+        pool = [toy.sample(BATCH, generator)[0] for _ in range(min(args.steps, 8))]
+        held_out = toy.sample(BATCH, generator)[0]
+        peak = matmul_flops(d_in, d_sae)
+        print(f"\nd_in {d_in}, d_sae {d_sae}, k {k}: plain fp32 matmul {peak / 1e9:.0f} GFLOP/s")
+        print(header)
+        runs = {
+            "saelib topk": lambda: run_saelib(pool, args.steps, d_in, d_sae, k, "topk"),
+            "dense topk": lambda: run_dense_topk(pool, args.steps, d_in, d_sae, k),
+            "saelib relu": lambda: run_saelib(pool, args.steps, d_in, d_sae, k, "relu"),
+        }
+        if have_saelens:
+            runs["sae_lens topk"] = lambda: run_saelens_topk(pool, args.steps, d_in, d_sae, k)
+        results = {name: run() for name, run in runs.items()}
+        reference = "sae_lens topk" if have_saelens else "dense topk"
+        ref_rate = args.steps * BATCH / results[reference][0]
+        dense_flops = 6 * BATCH * d_in * d_sae
+        sparse_flops = 2 * BATCH * d_in * d_sae + 8 * BATCH * k * d_in
+        for name, (seconds, reconstruct) in results.items():
+            rate = args.steps * BATCH / seconds
+            flops = (sparse_flops if name == "saelib topk" else dense_flops) * args.steps / seconds
+            print(f"{shape:>16s} {name:>14s} {rate:8.0f} {fvu(reconstruct, held_out):6.3f} {rate / ref_rate:6.2f}x "
+                  f"{flops / 1e9:8.1f} {flops / peak:8.0%}")
+
+
+if __name__ == "__main__":
+    main()

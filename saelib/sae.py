@@ -1,0 +1,427 @@
+"""Sparse autoencoders: the modules, their initialisation, and SAELens-compatible folders.
+
+Every architecture shares the same parameters and the same encoder/decoder algebra::
+
+    pre_BF     = (x_BD - b_dec) @ W_enc + b_enc          W_enc [d_in, d_sae]
+    latents_BF = activation(pre_BF)                       ReLU | TopK | BatchTopK | JumpReLU
+    recon_BD   = latents_BF @ W_dec + b_dec               W_dec [d_sae, d_in]
+
+and differs only in the activation. A new variant is one subclass with ``@register``.
+Training goes through ``train_forward``, which the sparse architectures implement with
+``saelib.sparse_ops`` so that only the k active latents of each row cost anything past the
+encoder's matmul.
+
+Folders follow SAELens (``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc``,
+``b_enc``, ``W_dec``, ``b_dec`` and, for JumpReLU, ``threshold``), so SAELens loads ours
+and ``load_sae`` loads SAELens's standard, TopK and JumpReLU SAEs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .sparse_ops import SparseDecode, SparseEncode
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+ARCHITECTURES: dict[str, type["SparseAutoencoder"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an architecture loadable and trainable under ``name``."""
+
+    def add(cls):
+        cls.architecture = name
+        ARCHITECTURES[name] = cls
+        return cls
+
+    return add
+
+
+@dataclass
+class SAEConfig:
+    """Shape and kind of an SAE; saved into ``cfg.json`` with SAELens's field names."""
+
+    d_in: int
+    """Length of the activation vectors (the hook's width)."""
+    d_sae: int
+    """Number of latents (dictionary size)."""
+    architecture: str = "topk"
+    """``relu`` (L1-penalised, SAELens "standard"), ``topk``, ``batchtopk`` or ``jumprelu``."""
+    k: int = 32
+    """Active latents per row for ``topk``; the average per row for ``batchtopk``."""
+    model_name: str = ""
+    """Model the activations came from (metadata)."""
+    hook_name: str = ""
+    """TransformerLens hook the activations came from (metadata)."""
+    metadata: dict = field(default_factory=dict)
+    """Free-form extras kept in ``cfg.json`` (training tokens, store fingerprint...)."""
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown SAE architecture {self.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        if self.d_in < 1 or self.d_sae < 1:
+            raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
+        if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k must be in 1..d_sae={self.d_sae}, got {self.k}")
+
+
+class SAEOutput(NamedTuple):
+    """Result of ``sae(x_BD)``."""
+
+    recon_BD: torch.Tensor
+    """Reconstruction of the input."""
+    latents_BF: torch.Tensor
+    """Latent activations (dense, mostly zeros)."""
+
+
+class TrainOutput(NamedTuple):
+    """What the trainer needs from one forward pass."""
+
+    recon_BD: torch.Tensor
+    """Reconstruction, with autograd."""
+    pre_BF: torch.Tensor
+    """Encoder pre-activations without autograd (AuxK picks dead latents from them)."""
+    fired_F: torch.Tensor
+    """bool [d_sae]: latents active on at least one row of the batch."""
+    l0: torch.Tensor
+    """Mean number of active latents per row (a float tensor, no autograd)."""
+    l1_BF_sum: torch.Tensor
+    """Sum of latent activations per row, averaged (with autograd for L1-penalised kinds)."""
+
+
+class SparseAutoencoder(nn.Module):
+    """Base class: parameters, encoder/decoder algebra, decoder-norm helpers, save."""
+
+    architecture = "base"
+    trains = True  # False for inference-only kinds (JumpReLU loaded from SAELens)
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, F = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.zeros(D, F))
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.W_dec = nn.Parameter(torch.zeros(F, D))
+        self.b_dec = nn.Parameter(torch.zeros(D))
+        init_tied_(self)
+
+    # -- the algebra ----------------------------------------------------------------------
+    def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations: [..., d_in] -> [..., d_sae]."""
+        self._check_width(x_BD)
+        if x_BD.ndim == 2:  # the bias add fused into the matmul: a full pass over [B, d_sae] saved
+            return torch.addmm(self.b_enc, x_BD - self.b_dec, self.W_enc)
+        return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre_BF: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Latent activations: [..., d_in] -> [..., d_sae]."""
+        return self.activation(self.pre_acts(x_BD))
+
+    def decode(self, latents_BF: torch.Tensor) -> torch.Tensor:
+        """Reconstruction: [..., d_sae] -> [..., d_in]."""
+        return latents_BF @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: torch.Tensor) -> SAEOutput:
+        latents_BF = self.encode(x_BD)
+        return SAEOutput(self.decode(latents_BF), latents_BF)
+
+    def train_forward(self, x_BD: torch.Tensor) -> TrainOutput:
+        """Dense default: plain autograd through ``encode`` and ``decode``."""
+        pre_BF = self.pre_acts(x_BD)
+        latents_BF = self.activation(pre_BF)
+        active_BF = latents_BF > 0
+        return TrainOutput(
+            recon_BD=self.decode(latents_BF),
+            pre_BF=pre_BF.detach(),
+            fired_F=active_BF.any(0),
+            l0=active_BF.sum(-1).float().mean(),
+            l1_BF_sum=latents_BF.sum(-1).mean(),
+        )
+
+    def _check_width(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"d_in mismatch: this SAE takes vectors of length {self.cfg.d_in} "
+                f"({self.cfg.hook_name or 'its hook'}), got length {x.shape[-1]}"
+            )
+
+    # -- decoder norms -------------------------------------------------------------------
+    @torch.no_grad()
+    def unit_norm_decoder_(self) -> None:
+        """Scale every decoder row (dictionary atom) to unit L2 norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop the part of each decoder row's gradient along the row, so an optimiser step
+        moves atoms along the unit sphere (to first order) instead of growing them."""
+        if self.W_dec.grad is None:
+            return
+        atoms_FD = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        along_F1 = (self.W_dec.grad * atoms_FD).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= along_F1 * atoms_FD
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """Turn an SAE trained on ``x * scale`` into one that takes raw ``x`` and returns
+        raw reconstructions (encoder scaled up, decoder and b_dec scaled down)."""
+        self.W_enc *= scale
+        self.W_dec /= scale
+        self.b_dec /= scale
+
+    # -- save -------------------------------------------------------------------------------
+    def saved_architecture(self) -> str:
+        """Architecture written to ``cfg.json`` (BatchTopK is saved as its JumpReLU form)."""
+        return self.architecture
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``cfg.json`` and ``sae_weights.safetensors`` (atomically) to ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.weights_to_save().items()}
+        tmp = folder / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, folder / WEIGHTS_FILE)
+        cfg_text = json.dumps(saelens_cfg(self.cfg, self.saved_architecture()), indent=1)
+        (folder / (CFG_FILE + ".tmp")).write_text(cfg_text)
+        os.replace(folder / (CFG_FILE + ".tmp"), folder / CFG_FILE)
+        return folder
+
+    def weights_to_save(self) -> dict[str, torch.Tensor]:
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+    def extra_repr(self) -> str:
+        return f"{self.architecture}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}" + (
+            f", k={self.cfg.k}" if self.architecture in ("topk", "batchtopk") else ""
+        )
+
+
+@register("relu")
+class ReluSAE(SparseAutoencoder):
+    """ReLU latents, trained with an L1 penalty (Cunningham et al. 2023). Decoder atoms
+    are kept at unit norm during training, so the penalty cannot be dodged by shrinking
+    latents and growing atoms."""
+
+    def activation(self, pre_BF):
+        return torch.relu(pre_BF)
+
+
+@register("topk")
+class TopKSAE(SparseAutoencoder):
+    """The k largest pre-activations of each row pass (through a ReLU); the rest are zero
+    (Gao et al. 2024). Sparsity is set by ``k``, no penalty needed."""
+
+    def activation(self, pre_BF):
+        values_BK, indices_BK = pre_BF.topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(pre_BF).scatter_(-1, indices_BK, torch.relu(values_BK))
+
+    def select(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values_BK, indices_BK) of the latents that may fire, from detached pre-activations."""
+        return pre_BF.topk(self.cfg.k, dim=-1)
+
+    def train_forward(self, x_BD):
+        self._check_width(x_BD)
+        with torch.no_grad():
+            pre_BF = self.pre_acts(x_BD)
+            pre_BK, indices_BK = self.select(pre_BF)
+        values_BK = torch.relu(SparseEncode.apply(pre_BK, x_BD, self.b_dec, self.W_enc, self.b_enc, indices_BK))
+        recon_BD = SparseDecode.apply(values_BK, indices_BK, self.W_dec) + self.b_dec
+        active_BK = values_BK.detach() > 0
+        fired_F = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_BD.device)
+        fired_F[indices_BK[active_BK]] = True
+        return TrainOutput(recon_BD, pre_BF, fired_F, active_BK.sum(-1).float().mean(), values_BK.sum(-1).mean())
+
+
+@register("batchtopk")
+class BatchTopKSAE(TopKSAE):
+    """The ``k * batch`` largest pre-activations of the whole batch pass, so rows may use
+    more or fewer than k latents (Bussmann et al. 2024). For inference, which sees one row
+    at a time, a single threshold learned during training (a running mean of the smallest
+    value let through) turns it into a JumpReLU; it is saved as one."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def activation(self, pre_BF):
+        return pre_BF * (pre_BF > self.threshold)
+
+    def select(self, pre_BF):
+        flat = pre_BF.reshape(-1)
+        n_keep = min(self.cfg.k * pre_BF.shape[0], flat.numel())
+        cutoff = flat.kthvalue(flat.numel() - n_keep + 1).values.clamp_min(0)
+        active_BF = pre_BF >= cutoff
+        width = max(1, int(active_BF.sum(-1).max()))
+        values_BK, indices_BK = pre_BF.topk(width, dim=-1)
+        if self.training:
+            self.threshold.lerp_(cutoff, 0.01 if self.threshold > 0 else 1.0)
+        # Rows using fewer than ``width`` latents get zeros in the extra slots: ReLU passes no
+        # gradient at 0, so those slots neither fire nor learn.
+        return values_BK * (values_BK >= cutoff), indices_BK
+
+    def saved_architecture(self) -> str:
+        return "jumprelu"
+
+    def weights_to_save(self):
+        return {**super().weights_to_save(), "threshold": self.threshold.expand(self.cfg.d_sae)}
+
+
+@register("jumprelu")
+class JumpReluSAE(SparseAutoencoder):
+    """Latents pass where the pre-activation exceeds a per-latent threshold. Loaded from
+    SAELens folders and from saved BatchTopK SAEs; not trained here."""
+
+    trains = False
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.threshold = nn.Parameter(torch.zeros(cfg.d_sae), requires_grad=False)
+
+    def activation(self, pre_BF):
+        return torch.relu(pre_BF) * (pre_BF > self.threshold)
+
+    def weights_to_save(self):
+        return {**super().weights_to_save(), "threshold": self.threshold}
+
+
+# -- initialisation --------------------------------------------------------------------------
+@torch.no_grad()
+def init_tied_(sae: SparseAutoencoder, seed: int = 0) -> None:
+    """Random unit-norm atoms, encoder = decoderᵀ (Gao et al.), zero biases."""
+    generator = torch.Generator().manual_seed(seed)
+    atoms_FD = torch.randn(sae.cfg.d_sae, sae.cfg.d_in, generator=generator)
+    _set_tied_(sae, atoms_FD)
+
+
+@torch.no_grad()
+def init_from_data_(sae: SparseAutoencoder, sample_ND: torch.Tensor, seed: int = 0) -> None:
+    """Atoms drawn from data vectors (centred on b_dec), encoder tied: each latent starts
+    out as a direction the data really takes. ``sample_ND`` needs at least one row; rows
+    are reused (with a little noise) when it has fewer than d_sae."""
+    sae._check_width(sample_ND)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(sample_ND), (sae.cfg.d_sae,), generator=generator)
+    if len(sample_ND) >= sae.cfg.d_sae:
+        picks = torch.randperm(len(sample_ND), generator=generator)[: sae.cfg.d_sae]
+    atoms_FD = sample_ND[picks].float() - sae.b_dec.detach().cpu()
+    atoms_FD += 1e-3 * atoms_FD.norm(dim=1, keepdim=True) * torch.randn(atoms_FD.shape, generator=generator)
+    _set_tied_(sae, atoms_FD)
+
+
+def _set_tied_(sae: SparseAutoencoder, atoms_FD: torch.Tensor) -> None:
+    atoms_FD = atoms_FD / atoms_FD.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    sae.W_dec.copy_(atoms_FD)
+    sae.W_enc.copy_(atoms_FD.T)
+    sae.b_enc.zero_()
+
+
+def geometric_median(points_ND: torch.Tensor, iterations: int = 50, tol: float = 1e-6) -> torch.Tensor:
+    """The point minimising the sum of distances to ``points_ND`` (Weiszfeld): [D].
+    Less pulled by outliers than the mean, the usual starting b_dec."""
+    points = points_ND.double()
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-12)
+        updated = (weights[:, None] * points).sum(0) / weights.sum()
+        moved = (updated - median).norm() / median.norm().clamp_min(1e-12)
+        median = updated
+        if moved < tol:
+            break
+    return median.to(points_ND.dtype)
+
+
+@torch.no_grad()
+def init_b_dec_(sae: SparseAutoencoder, sample_ND: torch.Tensor, method: str = "geometric_median") -> None:
+    """Set b_dec from data: ``geometric_median``, ``mean`` or ``zeros``."""
+    sae._check_width(sample_ND)
+    if method == "geometric_median":
+        sae.b_dec.copy_(geometric_median(sample_ND.float()))
+    elif method == "mean":
+        sae.b_dec.copy_(sample_ND.float().mean(0))
+    elif method == "zeros":
+        sae.b_dec.zero_()
+    else:
+        raise ValueError(f"b_dec init must be 'geometric_median', 'mean' or 'zeros', not {method!r}")
+
+
+# -- construction, save and load -------------------------------------------------------------
+def make_sae(cfg: SAEConfig) -> SparseAutoencoder:
+    """A freshly initialised SAE of ``cfg.architecture``."""
+    return ARCHITECTURES[cfg.architecture](cfg)
+
+
+_SAELENS_NAMES = {"relu": "standard"}
+_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "relu": "relu"}
+
+
+def saelens_cfg(cfg: SAEConfig, architecture: str) -> dict:
+    """``cfg.json`` contents in SAELens 6's layout (top-level shape, ``metadata`` dict)."""
+    out = {
+        "architecture": _SAELENS_NAMES.get(architecture, architecture),
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"model_name": cfg.model_name, "hook_name": cfg.hook_name, "saelib": cfg.metadata},
+    }
+    if architecture == "topk":
+        out["k"] = cfg.k
+    return out
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """An SAE from a SAELens-layout folder (ours or SAELens's)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CFG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
+    raw = json.loads((folder / CFG_FILE).read_text())
+    meta = raw.get("metadata") or {}
+    name = raw.get("architecture", "standard")
+    if name not in _FROM_SAELENS:
+        raise ValueError(f"{folder}: SAE architecture {name!r} is not supported; supported: {', '.join(_FROM_SAELENS)}")
+    if not raw.get("apply_b_dec_to_input", True):
+        raise ValueError(f"{folder}: SAEs with apply_b_dec_to_input=false are not supported")
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    cfg = SAEConfig(
+        d_in=int(raw["d_in"]),
+        d_sae=int(raw["d_sae"]),
+        architecture=_FROM_SAELENS[name],
+        k=int(raw.get("k", 32)),
+        model_name=meta.get("model_name", raw.get("model_name", "")),
+        hook_name=meta.get("hook_name", raw.get("hook_name", "")),
+        metadata=meta.get("saelib", {}),
+    )
+    sae = make_sae(cfg)
+    missing = [n for n in sae.weights_to_save() if n not in tensors]
+    if missing:
+        raise ValueError(f"{folder / WEIGHTS_FILE} lacks {missing}")
+    with torch.no_grad():
+        for name_, tensor in sae.weights_to_save().items():
+            if tensors[name_].shape != tensor.shape:
+                raise ValueError(f"{folder}: {name_} has shape {tuple(tensors[name_].shape)}, cfg.json implies {tuple(tensor.shape)}")
+            tensor.copy_(tensors[name_].float())
+    return sae.to(device)
+
+
+def replace_cfg(sae: SparseAutoencoder, **changes) -> None:
+    """Update fields of ``sae.cfg`` (metadata such as hook and model names)."""
+    sae.cfg = dataclasses.replace(sae.cfg, **changes)

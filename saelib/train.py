@@ -1,0 +1,384 @@
+"""Train SAEs: one config, one loop, for every architecture and every data source.
+
+    sae = make_sae(SAEConfig(d_in=256, d_sae=4096, architecture="topk", k=32))
+    result = train_sae(sae, store, TrainConfig(total_tokens=2_000_000, out_dir="runs/topk"))
+    result.sae.save("saes/topk")          # input scaling folded back: takes raw activations
+
+Data comes from an ``ActivationStore`` (shuffled across shards, bounded memory) or from
+any iterable of [batch, d_in] tensors (toy data, in-memory arrays). Inputs are rescaled
+so their mean squared norm is ``d_in``; the scale is folded into the weights of the SAE
+handed back, so it takes and returns raw activations.
+
+The loss is the batch's fraction of variance unexplained (FVU), plus, for ReLU SAEs, an
+L1 penalty ``l1_coefficient * E|z|_1 / E|x|_2`` (scale-free, so one coefficient means the
+same at every hook), plus, when latents have died, the AuxK loss of Gao et al.: the
+``aux_k`` largest dead latents reconstruct the main reconstruction's error.
+
+With ``out_dir`` set, checkpoints (SAE, optimiser, step, dead-latent counters) are written
+atomically every few minutes and at the end, metrics go to ``metrics.jsonl``, and calling
+``train_sae`` again with the same arguments resumes where the last checkpoint stopped and
+takes exactly the steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .sae import SAEConfig, SparseAutoencoder, init_b_dec_, init_from_data_, init_tied_, make_sae
+from .sparse_ops import SparseDecode, SparseEncode
+from .store import ActivationStore
+
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """How to train; saved with every checkpoint. Field docstrings are the documentation."""
+
+    total_tokens: int = 2_000_000
+    """Activation vectors to train on (the schedule's length)."""
+    batch_size: int = 4096
+    """Vectors per optimiser step."""
+    lr: float = 1e-3
+    """Peak Adam learning rate."""
+    lr_warmup_steps: int = 20
+    """Linear warm-up from 0."""
+    lr_decay_fraction: float = 0.2
+    """The last fraction of steps decays the learning rate linearly to 0."""
+    l1_coefficient: float = 0.0
+    """Weight of the L1 penalty (ReLU SAEs); scale-free, see the module docstring."""
+    l1_warmup_steps: int = 0
+    """Ramp the L1 coefficient linearly from 0 over these steps (fewer latents die early)."""
+    aux_k: int | None = None
+    """Dead latents that reconstruct the error in the AuxK loss; None: d_in // 2; 0: no AuxK."""
+    aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al.)."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired on this many consecutive tokens counts as dead."""
+    normalize_inputs: bool = True
+    """Rescale inputs to mean squared norm d_in during training (folded back on export)."""
+    b_dec_init: str = "geometric_median"
+    """``geometric_median``, ``mean`` or ``zeros`` from the first batch, or ``keep`` the SAE's."""
+    dictionary_init: str = "tied"
+    """``tied`` (random atoms, encoder = decoderᵀ), ``data`` (atoms from first-batch vectors),
+    or ``keep`` the SAE's weights (to continue training a loaded SAE)."""
+    seed: int = 0
+    """Seeds the initialisation and the shuffling of store batches."""
+    log_every: int = 10
+    """Steps between metric rows."""
+    checkpoint_minutes: float = 5.0
+    """Wall-clock minutes between checkpoints (only with ``out_dir``)."""
+    out_dir: str = ""
+    """Folder for checkpoints and ``metrics.jsonl``; empty: keep nothing on disk."""
+    progress: bool = True
+    """Show a tqdm bar."""
+
+    def steps(self) -> int:
+        return max(1, self.total_tokens // self.batch_size)
+
+    def resolved_aux_k(self, d_in: int) -> int:
+        return d_in // 2 if self.aux_k is None else self.aux_k
+
+
+class TrainResult(NamedTuple):
+    """What ``train_sae`` hands back."""
+
+    sae: SparseAutoencoder
+    """The trained SAE for raw activations (input scale folded in), in eval mode."""
+    metrics: "object"
+    """pandas DataFrame of the logged rows (step, tokens, loss, fvu, l0, dead_fraction...)."""
+    dead_fraction: float
+    """Share of latents that had not fired within the last ``dead_tokens`` tokens at the end."""
+    tokens_per_s: float
+    """Training throughput of this call (resumed steps excluded)."""
+    input_scale: float
+    """Factor the inputs were multiplied by during training."""
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Warm-up, constant, then linear decay to 0 over the last ``lr_decay_fraction``."""
+    total = cfg.steps()
+    if step < cfg.lr_warmup_steps:
+        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+    decay_start = total * (1 - cfg.lr_decay_fraction)
+    if step >= decay_start and cfg.lr_decay_fraction > 0:
+        return cfg.lr * max(0.0, (total - step) / (total - decay_start))
+    return cfg.lr
+
+
+def l1_coefficient(cfg: TrainConfig, step: int) -> float:
+    if cfg.l1_warmup_steps <= 0:
+        return cfg.l1_coefficient
+    return cfg.l1_coefficient * min(1.0, (step + 1) / cfg.l1_warmup_steps)
+
+
+def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, pre_BF: torch.Tensor, error_BD: torch.Tensor,
+             dead_F: torch.Tensor, aux_k: int) -> torch.Tensor:
+    """AuxK: the ``aux_k`` largest pre-activations among dead latents, decoded without
+    b_dec, should reconstruct the main reconstruction's ``error_BD`` (detached). Only dead
+    latents' encoder columns, biases and decoder rows receive gradient. Returns the
+    normalised MSE (0 when no latent is dead)."""
+    n_dead = int(dead_F.sum())
+    if n_dead == 0 or aux_k == 0:
+        return x_BD.new_zeros(())
+    with torch.no_grad():
+        dead_pre_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
+        pre_BK, indices_BK = dead_pre_BF.topk(min(aux_k, n_dead), dim=-1)
+    values_BK = torch.relu(SparseEncode.apply(pre_BK, x_BD, sae.b_dec.detach(), sae.W_enc, sae.b_enc, indices_BK))
+    aux_recon_BD = SparseDecode.apply(values_BK, indices_BK, sae.W_dec)
+    target_BD = error_BD.detach()
+    spread = (target_BD - target_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return (aux_recon_BD - target_BD).pow(2).sum(-1).mean() / spread
+
+
+def _batches(source, cfg: TrainConfig) -> Iterator[torch.Tensor]:
+    if isinstance(source, ActivationStore):
+        epochs = math.ceil(cfg.total_tokens / max(1, len(source))) + 1
+        return source.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs)
+    if callable(source):
+        return iter(source())
+    return iter(source)
+
+
+class SAETrainer:
+    """Owns one run: the SAE (in normalised-input space), optimiser, step, dead counters."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, device: str | torch.device = "cpu"):
+        if not sae.trains:
+            raise ValueError(f"{sae.architecture} SAEs are inference-only here; train topk, batchtopk or relu")
+        self.sae = sae.to(device)
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
+        self.step = 0
+        self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=self.device)
+        self.input_scale: float | None = None
+        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+        if self.out_dir is not None and (self.out_dir / STATE_FILE).exists():
+            self._load_state()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {
+            "sae": self.sae.state_dict(),
+            "sae_cfg": dataclasses.asdict(self.sae.cfg),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "input_scale": self.input_scale,
+            "train_cfg": dataclasses.asdict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / STATE_FILE
+        torch.save(self._state(), path.with_name(path.name + ".tmp"))
+        os.replace(path.with_name(path.name + ".tmp"), path)
+
+    def _load_state(self) -> None:
+        path = self.out_dir / STATE_FILE
+        state = torch.load(path, weights_only=True, map_location=self.device)
+        if state["sae_cfg"] != dataclasses.asdict(self.sae.cfg):
+            raise ValueError(
+                f"checkpoint {path} belongs to SAE {state['sae_cfg']}, not {dataclasses.asdict(self.sae.cfg)}: "
+                "use another out_dir or the same SAE config"
+            )
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
+        self.input_scale = state["input_scale"]
+        log = self.out_dir / METRICS_FILE
+        if log.exists():  # rows past the checkpoint will be logged again
+            rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
+            log.write_text("".join(r + "\n" for r in rows))
+
+    # -- set-up from the first batch ---------------------------------------------------------------
+    @torch.no_grad()
+    def _initialise(self, first_BD: torch.Tensor, source) -> None:
+        """Input scale, b_dec and dictionary from data; only for a fresh run."""
+        if isinstance(source, ActivationStore):
+            scale = source.norm_scale
+        else:
+            scale = float((self.sae.cfg.d_in / first_BD.pow(2).sum(-1).mean().clamp_min(1e-12)).sqrt())
+        self.input_scale = scale if self.cfg.normalize_inputs else 1.0
+        sample = first_BD[:4096] * self.input_scale
+        if self.cfg.b_dec_init != "keep":
+            init_b_dec_(self.sae, sample, self.cfg.b_dec_init)
+        if self.cfg.dictionary_init == "data":
+            init_from_data_(self.sae, sample, seed=self.cfg.seed)
+        elif self.cfg.dictionary_init == "tied":
+            init_tied_(self.sae, seed=self.cfg.seed)
+        elif self.cfg.dictionary_init != "keep":
+            raise ValueError(f"dictionary_init must be 'tied', 'data' or 'keep', not {self.cfg.dictionary_init!r}")
+
+    # -- one step ----------------------------------------------------------------------------------
+    def train_step(self, x_BD: torch.Tensor) -> dict:
+        """One optimiser step on a batch already scaled; returns its metrics."""
+        cfg, sae = self.cfg, self.sae
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, self.step)
+        with torch.enable_grad():
+            out = sae.train_forward(x_BD)
+            error_BD = x_BD - out.recon_BD
+            spread = (x_BD - x_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            fvu = error_BD.pow(2).sum(-1).mean() / spread
+            loss = fvu
+            l1_now = l1_coefficient(cfg, self.step)
+            if l1_now > 0:
+                loss = loss + l1_now * out.l1_BF_sum / x_BD.norm(dim=-1).mean().clamp_min(1e-12)
+            dead_F = self.tokens_since_fired >= cfg.dead_tokens
+            aux = aux_loss(sae, x_BD, out.pre_BF, error_BD, dead_F, cfg.resolved_aux_k(sae.cfg.d_in))
+            if aux.requires_grad:
+                loss = loss + cfg.aux_coefficient * aux
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        sae.remove_parallel_grad_()
+        self.optimizer.step()
+        sae.unit_norm_decoder_()
+        self.tokens_since_fired += len(x_BD)
+        self.tokens_since_fired[out.fired_F] = 0
+        self.step += 1
+        return {
+            "loss": loss.item(),
+            "fvu": fvu.item(),
+            "l0": out.l0.item(),
+            "l1": out.l1_BF_sum.item(),
+            "aux_loss": aux.item(),
+            "dead_fraction": (self.tokens_since_fired >= cfg.dead_tokens).float().mean().item(),
+            "lr": learning_rate(cfg, self.step - 1),
+            "l1_coefficient": l1_now,
+        }
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self, source, max_steps: int | None = None, max_minutes: float | None = None) -> TrainResult:
+        """Train on ``source`` (ActivationStore, iterable of [B, d_in] tensors, or a callable
+        returning one; the iterable must give the same batches on every call for an exact
+        resume) until the schedule ends, ``max_steps`` more steps or ``max_minutes``."""
+        import pandas as pd
+
+        cfg = self.cfg
+        if isinstance(source, ActivationStore):
+            source.require(d_in=self.sae.cfg.d_in)
+        total = cfg.steps()
+        last = total if max_steps is None else min(total, self.step + max_steps)
+        batches = _batches(source, cfg)
+        if self.step > 0:  # resume: the batches already trained on are skipped, not reused
+            batches = itertools.islice(batches, self.step, None)
+        log = None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            log = (self.out_dir / METRICS_FILE).open("a")
+        rows: list[dict] = []
+        started = last_save = time.perf_counter()
+        first_step = self.step
+        bar = tqdm(total=last, initial=self.step, desc=f"train {self.sae.architecture} SAE", unit="step",
+                   disable=not cfg.progress)
+        self.sae.train()
+        try:
+            while self.step < last:
+                try:
+                    raw_BD = next(batches)
+                except StopIteration:
+                    break
+                raw_BD = raw_BD.to(self.device, torch.float32)
+                self.sae._check_width(raw_BD)
+                if not torch.isfinite(raw_BD).all():
+                    raise ValueError(f"batch {self.step} holds NaN or inf activations; check the data source")
+                if self.input_scale is None:
+                    self._initialise(raw_BD, source)
+                record = self.train_step(raw_BD * self.input_scale)
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    record = {"step": self.step, "tokens": self.step * cfg.batch_size, **record}
+                    rows.append(record)
+                    if log is not None:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
+                bar.update(1)
+                if self.out_dir is not None and time.perf_counter() - last_save > 60 * cfg.checkpoint_minutes:
+                    self.save_checkpoint()
+                    last_save = time.perf_counter()
+                if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
+                    break
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        seconds = time.perf_counter() - started
+        self.save_checkpoint()
+        self.sae.eval()
+        if self.out_dir is not None and (self.out_dir / METRICS_FILE).exists():
+            metrics = pd.read_json(self.out_dir / METRICS_FILE, lines=True)
+        else:
+            metrics = pd.DataFrame(rows)
+        return TrainResult(
+            sae=self.export(),
+            metrics=metrics,
+            dead_fraction=float((self.tokens_since_fired >= cfg.dead_tokens).float().mean()),
+            tokens_per_s=(self.step - first_step) * cfg.batch_size / max(seconds, 1e-9),
+            input_scale=self.input_scale or 1.0,
+        )
+
+    def export(self) -> SparseAutoencoder:
+        """A copy of the SAE for raw activations (input scale folded in), in eval mode."""
+        sae = copy.deepcopy(self.sae).eval()
+        sae.fold_input_scale_(self.input_scale or 1.0)
+        sae.cfg = dataclasses.replace(
+            sae.cfg, metadata={**sae.cfg.metadata, "trained_tokens": self.step * self.cfg.batch_size,
+                               "input_scale": self.input_scale or 1.0}
+        )
+        return sae
+
+
+def train_sae(sae: SparseAutoencoder | SAEConfig, source, cfg: TrainConfig, device: str | torch.device = "cpu",
+              max_steps: int | None = None, max_minutes: float | None = None) -> TrainResult:
+    """Train (or resume, when ``cfg.out_dir`` holds a checkpoint) and return a ``TrainResult``."""
+    if isinstance(sae, SAEConfig):
+        sae = make_sae(sae)
+    return SAETrainer(sae, cfg, device).fit(source, max_steps=max_steps, max_minutes=max_minutes)
+
+
+def sweep(sae_cfg: SAEConfig, train_cfg: TrainConfig, source, grid: dict[str, Iterable],
+          evaluate: Callable[[SparseAutoencoder], dict] | None = None, device: str | torch.device = "cpu"):
+    """Train one SAE per point of ``grid`` (keys: fields of SAEConfig or TrainConfig, e.g.
+    ``{"architecture": [...], "k": [...], "l1_coefficient": [...]}``) and return a pandas
+    table: the grid values, final fvu / l0 / dead fraction / tokens per s, anything
+    ``evaluate(sae)`` returns, and the SAE itself in column ``sae``. ``source`` is a store or
+    a callable giving a fresh iterable of batches for each run."""
+    import pandas as pd
+
+    sae_fields = {f.name for f in dataclasses.fields(SAEConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(grid) - sae_fields - train_fields
+    if unknown:
+        raise ValueError(f"sweep grid keys {sorted(unknown)} are fields of neither SAEConfig nor TrainConfig")
+    names = list(grid)
+    rows = []
+    for values in itertools.product(*(list(grid[n]) for n in names)):
+        point = dict(zip(names, values))
+        run_sae_cfg = dataclasses.replace(sae_cfg, **{k: v for k, v in point.items() if k in sae_fields})
+        run_train_cfg = dataclasses.replace(train_cfg, progress=False, **{k: v for k, v in point.items() if k in train_fields})
+        result = train_sae(run_sae_cfg, source, run_train_cfg, device=device)
+        last = result.metrics.iloc[-1]
+        row = {**point, "fvu": float(last.fvu), "l0": float(last.l0), "dead_fraction": result.dead_fraction,
+               "tokens_per_s": result.tokens_per_s}
+        if evaluate is not None:
+            row.update(evaluate(result.sae))
+        rows.append({**row, "sae": result.sae})
+    return pd.DataFrame(rows)

@@ -1,0 +1,195 @@
+"""The SAE modules: exact identities, sparse gradients equal dense ones, save/load."""
+
+import json
+
+import pytest
+import torch
+
+from saelib.sae import (
+    SAEConfig,
+    geometric_median,
+    init_from_data_,
+    load_sae,
+    make_sae,
+)
+from saelib.sparse_ops import SparseDecode, SparseEncode, scatter_outer
+
+D = 16
+
+
+def identity_sae(architecture: str, k: int = D) -> torch.nn.Module:
+    """Latents [relu(x), relu(-x)] and atoms [I; -I]: decodes back to x exactly."""
+    sae = make_sae(SAEConfig(d_in=D, d_sae=2 * D, architecture=architecture, k=k))
+    eye = torch.eye(D)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_identity_dictionary_reconstructs_exactly(architecture):
+    x = torch.randn(64, D)
+    recon, latents = identity_sae(architecture)(x)
+    assert torch.equal(recon, x)
+    assert (latents >= 0).all()
+
+
+def test_topk_keeps_exactly_k_and_they_are_the_largest():
+    sae = make_sae(SAEConfig(d_in=D, d_sae=128, architecture="topk", k=5))
+    with torch.no_grad():
+        sae.b_enc.fill_(100.0)  # every pre-activation positive, so exactly k survive the ReLU
+    x = torch.randn(32, D)
+    latents = sae.encode(x)
+    assert ((latents != 0).sum(-1) == 5).all()
+    pre = sae.pre_acts(x)
+    smallest_kept = latents.masked_fill(latents == 0, float("inf")).min(-1).values
+    largest_dropped = pre.masked_fill(latents != 0, float("-inf")).max(-1).values
+    assert (smallest_kept > largest_dropped).all()
+
+
+def test_batchtopk_keeps_k_per_row_on_average_not_per_row():
+    sae = make_sae(SAEConfig(d_in=D, d_sae=64, architecture="batchtopk", k=4))
+    x = torch.randn(256, D) * torch.linspace(0.1, 3, 256)[:, None]  # rows of very different size
+    out = sae.train()
+    out = sae.train_forward(x)
+    assert abs(out.l0.item() - 4) < 0.05
+    per_row = (sae.select(sae.pre_acts(x))[0] > 0).sum(-1)
+    assert per_row.max() > 4 > per_row.min()
+
+
+def dense_topk_loss(sae, x):
+    """The TopK loss written with dense autograd only, as a reference."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    values, indices = pre.topk(sae.cfg.k, dim=-1)
+    latents = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+    recon = latents @ sae.W_dec + sae.b_dec
+    return (recon - x).pow(2).sum()
+
+
+def grads_of(sae, loss):
+    sae.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+def test_sparse_topk_gradients_equal_dense_autograd():
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(d_in=D, d_sae=96, architecture="topk", k=6))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+        sae.W_dec.mul_(torch.rand(96, 1) + 0.5)
+    x = torch.randn(40, D, dtype=torch.float32)
+    with torch.enable_grad():
+        sparse = grads_of(sae, (sae.train_forward(x).recon_BD - x).pow(2).sum())
+        dense = grads_of(sae, dense_topk_loss(sae, x))
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-4, msg=name)
+    assert dense["W_enc"].abs().sum() > 0
+
+
+def test_scatter_outer_is_a_sum_of_outer_products():
+    indices = torch.tensor([[0, 3], [3, 1], [0, 0]])
+    weights = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    rows = torch.arange(6.0).reshape(3, 2)
+    expected = torch.zeros(4, 2)
+    for b in range(3):
+        for j in range(2):
+            expected[indices[b, j]] += weights[b, j] * rows[b]
+    torch.testing.assert_close(scatter_outer(indices, weights, rows, 4), expected)
+
+
+def test_sparse_ops_pass_gradcheck():
+    torch.manual_seed(1)
+    indices = torch.rand(5, 7).argsort(dim=1)[:, :3]  # distinct within a row, as TopK gives
+    values = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    W_dec = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, w: SparseDecode.apply(v, indices, w), (values, W_dec))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    b_dec = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    W_enc = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    b_enc = torch.randn(7, dtype=torch.float64, requires_grad=True)
+
+    def encode(b_dec, W_enc, b_enc):
+        pre = ((x - b_dec) @ W_enc + b_enc).gather(1, indices)
+        return SparseEncode.apply(pre.detach(), x, b_dec, W_enc, b_enc, indices)
+
+    assert torch.autograd.gradcheck(encode, (b_dec, W_enc, b_enc))
+
+
+def test_remove_parallel_grad_and_unit_norm():
+    sae = make_sae(SAEConfig(d_in=D, d_sae=32, architecture="relu"))
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_grad_()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-4
+    sae.unit_norm_decoder_()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk"])
+def test_save_load_round_trip(tmp_path, architecture):
+    torch.manual_seed(2)
+    sae = make_sae(SAEConfig(d_in=D, d_sae=48, architecture=architecture, k=4, hook_name="blocks.1.hook_resid_post",
+                             model_name="embedded", metadata={"trained_tokens": 123}))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+        if architecture == "batchtopk":
+            sae.threshold.fill_(0.7)
+    x = torch.randn(20, D)
+    sae.save(tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
+    torch.testing.assert_close(loaded(x).recon_BD, sae.eval()(x).recon_BD)
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert {"d_in", "d_sae", "architecture", "metadata"} <= set(cfg)
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert loaded.cfg.metadata == {"trained_tokens": 123}
+    assert cfg["architecture"] == {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu"}[architecture]
+    assert not list((tmp_path / "sae").glob("*.tmp"))
+
+
+def test_fold_input_scale_gives_the_same_sae_on_raw_inputs():
+    torch.manual_seed(3)
+    sae = make_sae(SAEConfig(d_in=D, d_sae=40, architecture="topk", k=3))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(10, D) * 50
+    scale = 0.02
+    scaled_recon, scaled_latents = sae(x * scale)
+    sae.fold_input_scale_(scale)
+    raw_recon, raw_latents = sae(x)
+    torch.testing.assert_close(raw_latents, scaled_latents, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(raw_recon, scaled_recon / scale, rtol=1e-4, atol=1e-3)
+
+
+def test_d_in_mismatch_is_named():
+    sae = make_sae(SAEConfig(d_in=D, d_sae=32))
+    with pytest.raises(ValueError, match="d_in mismatch.*16.*got length 8"):
+        sae(torch.randn(2, 8))
+
+
+def test_unknown_architecture_and_bad_folder_are_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown SAE architecture 'gated'"):
+        SAEConfig(d_in=4, d_sae=8, architecture="gated")
+    with pytest.raises(FileNotFoundError, match="not an SAE folder"):
+        load_sae(tmp_path)
+
+
+def test_geometric_median_resists_outliers():
+    points = torch.cat([torch.randn(99, 3) * 0.01, torch.tensor([[1000.0, 0, 0]])])
+    assert geometric_median(points).norm() < 0.1 < points.mean(0).norm()
+
+
+def test_data_init_atoms_point_at_data():
+    sample = torch.randn(200, D)
+    sae = make_sae(SAEConfig(d_in=D, d_sae=50, architecture="topk", k=3))
+    init_from_data_(sae, sample)
+    cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ torch.nn.functional.normalize(sample, dim=1).T
+    assert (cos.max(1).values > 0.99).all()
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)

@@ -1,0 +1,129 @@
+"""The SAE trainer: AuxK locality, decoder norms, exact resume, toy recovery, data sources."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from saelib.sae import SAEConfig, make_sae
+from saelib.store import StoreManifest, StoreMismatchError, StoreWriter
+from saelib.toy import ToyConfig, ToyData, mmcs
+from saelib.train import SAETrainer, TrainConfig, aux_loss, sweep, train_sae
+
+TOY = ToyData(ToyConfig(d=24, n_features=48, avg_active=3, decay=0.98))
+
+
+def toy_batches(n_batches=60, batch_size=512, seed=0):
+    return lambda: TOY.batches(batch_size, n_batches, seed=seed)
+
+
+def quick_cfg(**changes):
+    base = TrainConfig(total_tokens=60 * 512, batch_size=512, lr=3e-3, lr_warmup_steps=5, log_every=5, progress=False)
+    return dataclasses.replace(base, **changes)
+
+
+def test_auxk_touches_only_dead_latents():
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4))
+    x = torch.randn(128, 24)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    with torch.enable_grad():
+        out = sae.train_forward(x)
+        loss = aux_loss(sae, x, out.pre_BF, x - out.recon_BD, dead, aux_k=8)
+        sae.zero_grad()
+        loss.backward()
+    alive = ~dead
+    assert sae.W_enc.grad[:, alive].abs().max() == 0
+    assert sae.W_dec.grad[alive].abs().max() == 0
+    assert sae.b_enc.grad[alive].abs().max() == 0
+    assert sae.b_dec.grad is None or sae.b_dec.grad.abs().max() == 0
+    assert sae.W_enc.grad[:, dead].abs().sum() > 0 and sae.W_dec.grad[dead].abs().sum() > 0
+    assert aux_loss(sae, x, out.pre_BF, x - out.recon_BD, torch.zeros(64, dtype=torch.bool), aux_k=8) == 0
+
+
+@pytest.mark.parametrize("architecture,extra", [("relu", {"l1_coefficient": 0.3}), ("topk", {})])
+def test_decoder_rows_stay_unit_norm_during_training(architecture, extra):
+    trainer = SAETrainer(make_sae(SAEConfig(d_in=24, d_sae=64, architecture=architecture, k=4)), quick_cfg(**extra))
+    trainer.fit(toy_batches(n_batches=10))
+    torch.testing.assert_close(trainer.sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_resume_equals_uninterrupted_training(tmp_path):
+    sae_cfg = SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4)
+    cfg = quick_cfg(total_tokens=20 * 512, dead_tokens=2048, out_dir=str(tmp_path / "whole"))
+    whole = train_sae(sae_cfg, toy_batches(20), cfg)
+
+    parts_cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "parts"))
+    train_sae(sae_cfg, toy_batches(20), parts_cfg, max_steps=7)
+    # A fresh trainer (as after a kill) picks up the checkpoint and finishes the schedule.
+    resumed = train_sae(sae_cfg, toy_batches(20), parts_cfg)
+    for name, tensor in whole.sae.state_dict().items():
+        assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+    assert list(resumed.metrics.step) == list(whole.metrics.step)
+    assert resumed.metrics.loss.tolist() == whole.metrics.loss.tolist()
+
+
+def test_checkpoint_of_another_sae_is_refused(tmp_path):
+    cfg = quick_cfg(total_tokens=2 * 512, out_dir=str(tmp_path))
+    train_sae(SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4), toy_batches(2), cfg)
+    with pytest.raises(ValueError, match="belongs to SAE"):
+        SAETrainer(make_sae(SAEConfig(d_in=24, d_sae=32, architecture="topk", k=4)), cfg)
+
+
+def test_topk_recovers_toy_features():
+    result = train_sae(SAEConfig(d_in=24, d_sae=96, architecture="topk", k=3), toy_batches(150),
+                       quick_cfg(total_tokens=150 * 512))
+    assert mmcs(result.sae.W_dec, TOY.features_GD) > 0.95
+    assert result.metrics.fvu.iloc[-1] < 0.2
+
+
+def test_auxk_revives_latents_that_plain_topk_leaves_dead():
+    # Half the latents start with tiny encoder columns: never among the top k, so plain TopK
+    # gives them no gradient at all and they stay dead; AuxK trains them on the error.
+    many = ToyData(ToyConfig(d=24, n_features=160, avg_active=4, decay=0.995))
+    sae_cfg = SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4)
+    start = make_sae(sae_cfg)
+    with torch.no_grad():
+        start.W_enc[:, 32:] *= 0.01
+    cfg = quick_cfg(total_tokens=100 * 512, dead_tokens=1024, dictionary_init="keep", b_dec_init="zeros")
+    data = lambda: many.batches(512, 100)  # noqa: E731
+    plain = train_sae(copy.deepcopy(start), data, dataclasses.replace(cfg, aux_k=0))
+    with_aux = train_sae(copy.deepcopy(start), data, dataclasses.replace(cfg, aux_k=12))
+    assert plain.dead_fraction >= 0.45
+    assert with_aux.dead_fraction < 0.5 * plain.dead_fraction
+    assert with_aux.metrics.fvu.iloc[-1] < plain.metrics.fvu.iloc[-1]
+
+
+def test_training_from_a_store_checks_width_and_scales_inputs(tmp_path):
+    rows = (torch.randn(4000, 8) * 30).numpy()
+    manifest = StoreManifest(model="toy", model_fingerprint="0", hook="h", d_in=8, dtype="float32", shard_rows=1000,
+                             context_len=101, n_contexts=40, first_position=1, contexts_sha256="")
+    writer = StoreWriter(tmp_path / "store", manifest, np.zeros((40, 101), dtype=np.int32))
+    writer.append(torch.from_numpy(rows))
+    store = writer.close()
+    result = train_sae(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=8), store,
+                       quick_cfg(total_tokens=8000, batch_size=500))
+    assert abs(result.input_scale - store.norm_scale) < 1e-9 and result.input_scale < 0.1
+    # Folded back: the SAE takes raw rows and reconstructs them on their own scale.
+    x = torch.from_numpy(rows[:200])
+    assert ((result.sae(x).recon_BD - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()) < 0.5
+    with pytest.raises(StoreMismatchError, match="d_in mismatch"):
+        train_sae(SAEConfig(d_in=12, d_sae=16, architecture="topk", k=4), store, quick_cfg())
+
+
+def test_non_finite_batches_are_refused():
+    bad = [torch.full((8, 24), float("nan"))]
+    with pytest.raises(ValueError, match="NaN or inf"):
+        train_sae(SAEConfig(d_in=24, d_sae=32, architecture="topk", k=2), bad, quick_cfg())
+
+
+def test_sweep_returns_one_row_per_grid_point():
+    table = sweep(SAEConfig(d_in=24, d_sae=48, architecture="topk", k=2), quick_cfg(total_tokens=10 * 512),
+                  toy_batches(10), {"k": [1, 4], "d_sae": [48, 96]}, evaluate=lambda sae: {"mmcs": mmcs(sae.W_dec, TOY.features_GD)})
+    assert len(table) == 4 and set(table.k) == {1, 4}
+    assert (table.l0.round() <= table.k).all()
+    with pytest.raises(ValueError, match="fields of neither"):
+        sweep(SAEConfig(d_in=24, d_sae=48), quick_cfg(), toy_batches(1), {"dictionary_size": [1]})
