@@ -59,6 +59,18 @@ def default_store_root(model) -> Path:
     return artifacts_dir() / "stores" / model_label(model)
 
 
+def harvest_sample(model, hooks: list[str], n_tokens: int, context_len: int = 128, seed: int = 0,
+                   split: str = "train", **config) -> dict[str, ActivationStore]:
+    """Harvest ``hooks`` over ``n_tokens`` of the shipped sample text (``saelib.data``) into
+    a folder named after what was run, so notebooks asking for the same windows share one
+    store and a finished store is opened, not recomputed. ``config``: HarvestConfig fields."""
+    from .data import token_windows
+
+    tokens_NL = token_windows(model, n_tokens, context_len=context_len, split=split, seed=seed)
+    root = default_store_root(model) / f"{split}_{tokens_NL.numel()}tok_ctx{context_len}_seed{seed}"
+    return harvest(model, tokens_NL, HarvestConfig(hooks=list(hooks), out_dir=str(root), **config))
+
+
 def store_folder(root: str | Path, hook: str) -> Path:
     """One folder per hook point under ``root``."""
     return Path(root) / hook

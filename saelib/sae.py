@@ -150,6 +150,17 @@ class SparseAutoencoder(nn.Module):
             l1_BF_sum=latents_BF.sum(-1).mean(),
         )
 
+    def _sparse_train_forward(self, x_BD, pre_BF, pre_BK, indices_BK) -> TrainOutput:
+        """Training forward pass through the latents ``indices_BK`` alone (distinct within a
+        row; ``pre_BK`` their detached pre-activations, 0 in unused slots). Gradients equal
+        the dense pass's whenever every other latent is inactive."""
+        values_BK = torch.relu(SparseEncode.apply(pre_BK, x_BD, self.b_dec, self.W_enc, self.b_enc, indices_BK))
+        recon_BD = SparseDecode.apply(values_BK, indices_BK, self.W_dec) + self.b_dec
+        active_BK = values_BK.detach() > 0
+        fired_F = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_BD.device)
+        fired_F[indices_BK[active_BK]] = True
+        return TrainOutput(recon_BD, pre_BF, fired_F, active_BK.sum(-1).float().mean(), values_BK.sum(-1).mean())
+
     def _check_width(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(
@@ -216,8 +227,22 @@ class ReluSAE(SparseAutoencoder):
     are kept at unit norm during training, so the penalty cannot be dodged by shrinking
     latents and growing atoms."""
 
+    sparse_width_limit = 1 / 8
+    """Above this share of latents active in some row, the dense pass is faster."""
+
     def activation(self, pre_BF):
         return torch.relu(pre_BF)
+
+    def train_forward(self, x_BD):
+        # Once trained, ReLU codes are sparse too: then only the active latents are touched.
+        with torch.no_grad():
+            pre_BF = self.pre_acts(x_BD)
+            width = int((pre_BF > 0).sum(-1).max())
+        if width > self.sparse_width_limit * self.cfg.d_sae or width == 0:
+            return super().train_forward(x_BD)
+        with torch.no_grad():
+            pre_BK, indices_BK = pre_BF.topk(width, dim=-1)
+        return self._sparse_train_forward(x_BD, pre_BF, pre_BK.clamp_min(0), indices_BK)
 
 
 @register("topk")
@@ -238,12 +263,7 @@ class TopKSAE(SparseAutoencoder):
         with torch.no_grad():
             pre_BF = self.pre_acts(x_BD)
             pre_BK, indices_BK = self.select(pre_BF)
-        values_BK = torch.relu(SparseEncode.apply(pre_BK, x_BD, self.b_dec, self.W_enc, self.b_enc, indices_BK))
-        recon_BD = SparseDecode.apply(values_BK, indices_BK, self.W_dec) + self.b_dec
-        active_BK = values_BK.detach() > 0
-        fired_F = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_BD.device)
-        fired_F[indices_BK[active_BK]] = True
-        return TrainOutput(recon_BD, pre_BF, fired_F, active_BK.sum(-1).float().mean(), values_BK.sum(-1).mean())
+        return self._sparse_train_forward(x_BD, pre_BF, pre_BK, indices_BK)
 
 
 @register("batchtopk")
@@ -299,10 +319,13 @@ class JumpReluSAE(SparseAutoencoder):
 
 
 # -- initialisation --------------------------------------------------------------------------
+_INIT_SEED_OFFSET = 0x5AE_1B
 @torch.no_grad()
 def init_tied_(sae: SparseAutoencoder, seed: int = 0) -> None:
     """Random unit-norm atoms, encoder = decoderᵀ (Gao et al.), zero biases."""
-    generator = torch.Generator().manual_seed(seed)
+    # Offset so the atoms never replay another draw made with the same small seed (toy
+    # features seeded 0 would otherwise *be* the first atoms).
+    generator = torch.Generator().manual_seed(_INIT_SEED_OFFSET + seed)
     atoms_FD = torch.randn(sae.cfg.d_sae, sae.cfg.d_in, generator=generator)
     _set_tied_(sae, atoms_FD)
 
@@ -313,7 +336,7 @@ def init_from_data_(sae: SparseAutoencoder, sample_ND: torch.Tensor, seed: int =
     out as a direction the data really takes. ``sample_ND`` needs at least one row; rows
     are reused (with a little noise) when it has fewer than d_sae."""
     sae._check_width(sample_ND)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(_INIT_SEED_OFFSET + seed)
     picks = torch.randint(len(sample_ND), (sae.cfg.d_sae,), generator=generator)
     if len(sample_ND) >= sae.cfg.d_sae:
         picks = torch.randperm(len(sample_ND), generator=generator)[: sae.cfg.d_sae]

@@ -266,10 +266,14 @@ class SAETrainer:
         }
 
     # -- the loop ------------------------------------------------------------------------------------
-    def fit(self, source, max_steps: int | None = None, max_minutes: float | None = None) -> TrainResult:
+    def fit(self, source, max_steps: int | None = None, max_minutes: float | None = None,
+            extra_metrics: Callable[["SAETrainer"], dict] | None = None) -> TrainResult:
         """Train on ``source`` (ActivationStore, iterable of [B, d_in] tensors, or a callable
         returning one; the iterable must give the same batches on every call for an exact
-        resume) until the schedule ends, ``max_steps`` more steps or ``max_minutes``."""
+        resume) until the schedule ends, ``max_steps`` more steps or ``max_minutes``.
+
+        ``extra_metrics(trainer)`` adds its dict to every logged row, and to a first row at
+        step 0 right after initialisation (e.g. MMCS to known features over training)."""
         import pandas as pd
 
         cfg = self.cfg
@@ -285,6 +289,13 @@ class SAETrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             log = (self.out_dir / METRICS_FILE).open("a")
         rows: list[dict] = []
+
+        def write_row(record: dict) -> None:
+            rows.append(record)
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+
         started = last_save = time.perf_counter()
         first_step = self.step
         bar = tqdm(total=last, initial=self.step, desc=f"train {self.sae.architecture} SAE", unit="step",
@@ -302,13 +313,14 @@ class SAETrainer:
                     raise ValueError(f"batch {self.step} holds NaN or inf activations; check the data source")
                 if self.input_scale is None:
                     self._initialise(raw_BD, source)
+                    if extra_metrics is not None:
+                        write_row({"step": 0, "tokens": 0, **extra_metrics(self)})
                 record = self.train_step(raw_BD * self.input_scale)
                 if self.step % cfg.log_every == 0 or self.step == total:
                     record = {"step": self.step, "tokens": self.step * cfg.batch_size, **record}
-                    rows.append(record)
-                    if log is not None:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
+                    if extra_metrics is not None:
+                        record.update(extra_metrics(self))
+                    write_row(record)
                     bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
                 bar.update(1)
                 if self.out_dir is not None and time.perf_counter() - last_save > 60 * cfg.checkpoint_minutes:
@@ -347,11 +359,14 @@ class SAETrainer:
 
 
 def train_sae(sae: SparseAutoencoder | SAEConfig, source, cfg: TrainConfig, device: str | torch.device = "cpu",
-              max_steps: int | None = None, max_minutes: float | None = None) -> TrainResult:
-    """Train (or resume, when ``cfg.out_dir`` holds a checkpoint) and return a ``TrainResult``."""
+              max_steps: int | None = None, max_minutes: float | None = None,
+              extra_metrics: Callable[[SAETrainer], dict] | None = None) -> TrainResult:
+    """Train (or resume, when ``cfg.out_dir`` holds a checkpoint) and return a ``TrainResult``;
+    the keyword arguments are those of ``SAETrainer.fit``."""
     if isinstance(sae, SAEConfig):
         sae = make_sae(sae)
-    return SAETrainer(sae, cfg, device).fit(source, max_steps=max_steps, max_minutes=max_minutes)
+    return SAETrainer(sae, cfg, device).fit(source, max_steps=max_steps, max_minutes=max_minutes,
+                                            extra_metrics=extra_metrics)
 
 
 def sweep(sae_cfg: SAEConfig, train_cfg: TrainConfig, source, grid: dict[str, Iterable],

@@ -7,6 +7,7 @@ import torch
 
 from saelib.sae import (
     SAEConfig,
+    SparseAutoencoder,
     geometric_median,
     init_from_data_,
     load_sae,
@@ -193,3 +194,23 @@ def test_data_init_atoms_point_at_data():
     cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ torch.nn.functional.normalize(sample, dim=1).T
     assert (cos.max(1).values > 0.99).all()
     torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+
+
+def test_relu_sparse_path_matches_the_dense_pass():
+    torch.manual_seed(4)
+    sae = make_sae(SAEConfig(d_in=D, d_sae=256, architecture="relu"))
+    with torch.no_grad():
+        sae.b_enc.fill_(-2.0)  # few latents active per row: the sparse path is taken
+        sae.b_dec.normal_()
+    x = torch.randn(50, D) + sae.b_dec.detach()
+
+    def loss_of(out):
+        return (out.recon_BD - x).pow(2).sum() + 0.1 * out.l1_BF_sum
+
+    with torch.enable_grad():
+        sparse_out = sae.train_forward(x)
+        assert 0 < sparse_out.l0 < 256 / 8
+        sparse = grads_of(sae, loss_of(sparse_out))
+        dense = grads_of(sae, loss_of(SparseAutoencoder.train_forward(sae, x)))
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-4, msg=name)

@@ -75,7 +75,7 @@ def test_checkpoint_of_another_sae_is_refused(tmp_path):
 
 def test_topk_recovers_toy_features():
     result = train_sae(SAEConfig(d_in=24, d_sae=96, architecture="topk", k=3), toy_batches(150),
-                       quick_cfg(total_tokens=150 * 512))
+                       quick_cfg(total_tokens=150 * 512, lr=1e-2))
     assert mmcs(result.sae.W_dec, TOY.features_GD) > 0.95
     assert result.metrics.fvu.iloc[-1] < 0.2
 
