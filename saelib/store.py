@@ -130,8 +130,9 @@ def sha256_of(path: Path, chunk_bytes: int = 1 << 22) -> str:
 
 
 def write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, then rename over ``path``: readers see all of it or none."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Call ``write(tmp_path)``, then rename over ``path``: readers see all of it or none.
+    The temporary name is unique to this process, so two processes never share one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     write(tmp)
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
@@ -431,9 +432,11 @@ class StoreWriter:
             old.mean, old.mean_norm, old.mean_sq_norm = _stats_of(reader)
             for info in dropped:
                 (self.folder / info.file).unlink(missing_ok=True)
+        changed = good < len(old.shards) or old.n_contexts != new.n_contexts
         old.n_contexts = new.n_contexts
         self.manifest = old
-        self._write_manifest()
+        if changed:  # a finished, intact store is only read: other processes may be reading it too
+            self._write_manifest()
         return old
 
     @property
@@ -517,8 +520,10 @@ class StoreWriter:
             self._write_shard(self._pending_rows)
         self._wait_for_writes()
         self._executor.shutdown()
-        self.manifest.complete = self.manifest.n_rows >= self.manifest.expected_rows
-        self._write_manifest()
+        complete = self.manifest.n_rows >= self.manifest.expected_rows
+        if complete != self.manifest.complete or self.manifest.n_rows != self.start_row:
+            self.manifest.complete = complete
+            self._write_manifest()
         return ActivationStore(self.folder, verify="size")
 
     def _write_manifest(self) -> None:

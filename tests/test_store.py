@@ -169,3 +169,24 @@ def test_resuming_with_other_settings_is_refused(tmp_path, acts_ND):
 def test_missing_store_says_to_harvest(tmp_path):
     with pytest.raises(Exception, match="not an activation store.*harvest"):
         ActivationStore(tmp_path)
+
+
+def test_reopening_a_finished_store_writes_nothing(tmp_path):
+    from saelib.store import StoreManifest, StoreWriter
+
+    def open_writer():
+        manifest = StoreManifest(model="m", model_fingerprint="f", hook="h", d_in=4, dtype="float32", shard_rows=10,
+                                 context_len=11, n_contexts=3, first_position=1, contexts_sha256="")
+        return StoreWriter(tmp_path, manifest, np.zeros((3, 11), dtype=np.int32))
+
+    writer = open_writer()
+    writer.append(torch.ones(30, 4))
+    writer.close()
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    # Several processes may open a finished store at once (notebooks, training jobs): none may write.
+    reopened = open_writer()
+    reopened.seek(0)
+    assert reopened.done and not reopened.wants_rows(30)
+    store = reopened.close()
+    assert store.manifest.complete and len(store) == 30
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
