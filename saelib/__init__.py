@@ -2,6 +2,9 @@
 
 The notebooks in ``notebooks/`` import this package; each module holds one concept
 (see DESIGN.md's data flow): ``models`` loads language models and checks hook names,
+``data`` gives token windows, ``harvest`` and ``store`` collect activations on disk,
+``sae`` holds the SAE modules and their folders (``sparse_ops`` their sparse kernels),
+``train`` trains them, ``toy`` makes data with known features, ``metrics`` scores them,
 ``nb`` prepares a notebook, ``profile`` scales experiments between CI and real runs,
 ``report`` runs all notebooks into offline HTML reports, ``zoo`` builds the embedded model.
 """

@@ -2,6 +2,7 @@
 
     python -m saelib run-notebooks [--profile smoke|default|full] [--only 00 02]
     python -m saelib harvest --hooks blocks.2.hook_resid_post [--model embedded] [--tokens 1000000]
+    python -m saelib train STORE_FOLDER OUT_FOLDER [--architecture topk] [--d-sae 4096] [--k 32] [--tokens N]
     python -m saelib zoo corpus      # fetch sources, train the tokenizer, tokenize
     python -m saelib zoo train       # train the embedded LM (resumable; re-run to resume)
     python -m saelib zoo export      # copy the trained weights into data/
@@ -46,6 +47,35 @@ def _cmd_harvest(args) -> int:
     )
     for store in harvest(model, tokens_NL, cfg).values():
         print(f"{store.folder}: {store!r}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from .sae import SAEConfig
+    from .store import ActivationStore
+    from .train import TrainConfig, train_sae
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store = ActivationStore(args.store)
+    out = Path(args.out)
+    sae_cfg = SAEConfig(d_in=store.d_in, d_sae=args.d_sae, architecture=args.architecture, k=args.k,
+                        model_name=store.manifest.model, hook_name=store.hook)
+    train_cfg = TrainConfig(total_tokens=args.tokens or len(store), batch_size=args.batch_size, lr=args.lr,
+                            l1_coefficient=args.l1 if args.architecture == "relu" else 0.0,
+                            aux_k=0 if args.no_auxk else None, seed=args.seed,
+                            out_dir=str(out / "checkpoint"))
+    if args.dead_tokens:
+        train_cfg = dataclasses.replace(train_cfg, dead_tokens=args.dead_tokens)
+    result = train_sae(sae_cfg, store, train_cfg, device=args.device, max_minutes=args.max_minutes)
+    result.sae.save(out)
+    last = result.metrics.iloc[-1]
+    print(f"saved {out}: step {int(last.step)}, FVU {last.fvu:.4f}, L0 {last.l0:.1f}, "
+          f"dead {result.dead_fraction:.2%}, {result.tokens_per_s:,.0f} tokens/s")
     return 0
 
 
@@ -128,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     hv.add_argument("--device", default="cpu")
     hv.add_argument("--threads", type=int, help="torch threads")
     hv.set_defaults(func=_cmd_harvest)
+
+    tr = sub.add_parser("train", help="train an SAE on an activation store (re-run to resume)")
+    tr.add_argument("store", help="activation store folder (one hook), e.g. from `harvest`")
+    tr.add_argument("out", help="folder for the trained SAE (cfg.json + sae_weights.safetensors); checkpoints in OUT/checkpoint")
+    tr.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "relu"])
+    tr.add_argument("--d-sae", type=int, default=4096, help="latents")
+    tr.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
+    tr.add_argument("--l1", type=float, default=1.0, help="L1 coefficient (relu)")
+    tr.add_argument("--tokens", type=int, help="training tokens (default: one pass over the store)")
+    tr.add_argument("--batch-size", type=int, default=4096)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--dead-tokens", type=int, help="tokens without firing before a latent counts as dead")
+    tr.add_argument("--no-auxk", action="store_true", help="train TopK without the AuxK loss")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--threads", type=int, help="torch threads")
+    tr.set_defaults(func=_cmd_train)
 
     zoo = sub.add_parser("zoo", help="build the embedded default model").add_subparsers(dest="step", required=True)
     for name, func, text in [

@@ -32,3 +32,14 @@ def results_dir() -> Path:
 def artifacts_dir() -> Path:
     """Activation stores, trained SAEs and other large generated files (``$SAELIB_ARTIFACTS``)."""
     return Path(os.environ.get("SAELIB_ARTIFACTS") or project_root() / "build" / "artifacts")
+
+
+def sae_folder(model_name: str, hook: str, name: str) -> Path:
+    """Where a trained SAE is saved: one folder per (model, hook point, run name) under
+    ``<artifacts>/saes``, holding ``cfg.json`` and ``sae_weights.safetensors``."""
+    return artifacts_dir() / "saes" / model_name / hook / name
+
+
+def run_folder(model_name: str, hook: str, name: str) -> Path:
+    """Checkpoints and ``metrics.jsonl`` of a training run (resumable), beside the SAEs."""
+    return artifacts_dir() / "runs" / model_name / hook / name

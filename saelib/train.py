@@ -129,19 +129,24 @@ def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, pre_BF: torch.Tensor, e
              dead_F: torch.Tensor, aux_k: int) -> torch.Tensor:
     """AuxK: the ``aux_k`` largest pre-activations among dead latents, decoded without
     b_dec, should reconstruct the main reconstruction's ``error_BD`` (detached). Only dead
-    latents' encoder columns, biases and decoder rows receive gradient. Returns the
-    normalised MSE (0 when no latent is dead)."""
+    latents' encoder columns, biases and decoder rows receive gradient.
+
+    The pre-activations pass without a ReLU, as in the reference implementations: a dead
+    latent is usually negative on every token, and a ReLU would leave it no gradient to
+    come back with. Returns the normalised MSE, scaled down by ``n_dead / aux_k`` when
+    fewer latents than ``aux_k`` are dead (0 when none is)."""
     n_dead = int(dead_F.sum())
     if n_dead == 0 or aux_k == 0:
         return x_BD.new_zeros(())
     with torch.no_grad():
         dead_pre_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
         pre_BK, indices_BK = dead_pre_BF.topk(min(aux_k, n_dead), dim=-1)
-    values_BK = torch.relu(SparseEncode.apply(pre_BK, x_BD, sae.b_dec.detach(), sae.W_enc, sae.b_enc, indices_BK))
+    values_BK = SparseEncode.apply(pre_BK, x_BD, sae.b_dec.detach(), sae.W_enc, sae.b_enc, indices_BK)
     aux_recon_BD = SparseDecode.apply(values_BK, indices_BK, sae.W_dec)
     target_BD = error_BD.detach()
     spread = (target_BD - target_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-    return (aux_recon_BD - target_BD).pow(2).sum(-1).mean() / spread
+    scale = min(1.0, n_dead / aux_k)
+    return scale * (aux_recon_BD - target_BD).pow(2).sum(-1).mean() / spread
 
 
 def _batches(source, cfg: TrainConfig) -> Iterator[torch.Tensor]:

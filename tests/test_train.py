@@ -97,13 +97,18 @@ def test_auxk_revives_latents_that_plain_topk_leaves_dead():
     assert with_aux.metrics.fvu.iloc[-1] < plain.metrics.fvu.iloc[-1]
 
 
+def small_store(folder, rows):
+    """A store of ``rows`` [4000, d] written as a harvest would (40 contexts of 100 rows)."""
+    manifest = StoreManifest(model="toy", model_fingerprint="0", hook="h", d_in=rows.shape[1], dtype="float32",
+                             shard_rows=1000, context_len=101, n_contexts=40, first_position=1, contexts_sha256="")
+    writer = StoreWriter(folder, manifest, np.zeros((40, 101), dtype=np.int32))
+    writer.append(torch.from_numpy(rows))
+    return writer.close()
+
+
 def test_training_from_a_store_checks_width_and_scales_inputs(tmp_path):
     rows = (torch.randn(4000, 8) * 30).numpy()
-    manifest = StoreManifest(model="toy", model_fingerprint="0", hook="h", d_in=8, dtype="float32", shard_rows=1000,
-                             context_len=101, n_contexts=40, first_position=1, contexts_sha256="")
-    writer = StoreWriter(tmp_path / "store", manifest, np.zeros((40, 101), dtype=np.int32))
-    writer.append(torch.from_numpy(rows))
-    store = writer.close()
+    store = small_store(tmp_path / "store", rows)
     result = train_sae(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=8), store,
                        quick_cfg(total_tokens=8000, batch_size=500))
     assert abs(result.input_scale - store.norm_scale) < 1e-9 and result.input_scale < 0.1
@@ -127,3 +132,16 @@ def test_sweep_returns_one_row_per_grid_point():
     assert (table.l0.round() <= table.k).all()
     with pytest.raises(ValueError, match="fields of neither"):
         sweep(SAEConfig(d_in=24, d_sae=48), quick_cfg(), toy_batches(1), {"dictionary_size": [1]})
+
+
+def test_cli_trains_and_saves_a_loadable_sae(tmp_path, capsys):
+    from saelib.cli import main
+    from saelib.sae import load_sae
+
+    store = small_store(tmp_path / "store", TOY.sample(4000, torch.Generator().manual_seed(0))[0].numpy())
+    args = [str(store.folder), str(tmp_path / "sae"), "--d-sae", "64", "--k", "4", "--tokens", "8000", "--batch-size", "500"]
+    assert main(["train", *args]) == 0
+    sae = load_sae(tmp_path / "sae")
+    assert sae.cfg.k == 4 and sae.cfg.hook_name == "h" and "FVU" in capsys.readouterr().out
+    assert main(["train", *args]) == 0  # finished checkpoint: resumes at the end, trains nothing
+    assert main(["train", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2  # clear error, no traceback
