@@ -34,12 +34,19 @@ def artifacts_dir() -> Path:
     return Path(os.environ.get("SAELIB_ARTIFACTS") or project_root() / "build" / "artifacts")
 
 
-def sae_folder(model_name: str, hook: str, name: str) -> Path:
-    """Where a trained SAE is saved: one folder per (model, hook point, run name) under
-    ``<artifacts>/saes``, holding ``cfg.json`` and ``sae_weights.safetensors``."""
-    return artifacts_dir() / "saes" / model_name / hook / name
+def sae_folder(model_name: str, hook: str, name: str, profile: str | None = None) -> Path:
+    """Where a trained SAE is saved: one folder per (profile, model, hook point, run name)
+    under ``<artifacts>/saes``, holding ``cfg.json`` and ``sae_weights.safetensors``. The run
+    profile (default: the active one) keeps a quick smoke run from replacing real results."""
+    return artifacts_dir() / "saes" / _profile_name(profile) / model_name / hook / name
 
 
-def run_folder(model_name: str, hook: str, name: str) -> Path:
-    """Checkpoints and ``metrics.jsonl`` of a training run (resumable), beside the SAEs."""
-    return artifacts_dir() / "runs" / model_name / hook / name
+def run_folder(model_name: str, hook: str, name: str, profile: str | None = None) -> Path:
+    """Checkpoints and ``metrics.jsonl`` of a training run (resumable), laid out as ``sae_folder``."""
+    return artifacts_dir() / "runs" / _profile_name(profile) / model_name / hook / name
+
+
+def _profile_name(profile: str | None) -> str:
+    from .profile import profile as active_profile
+
+    return active_profile(profile).name

@@ -41,6 +41,8 @@ from .sparse_ops import SparseDecode, SparseEncode
 from .store import ActivationStore
 
 STATE_FILE = "trainer_state.pt"
+# TrainConfig fields a resumed run may change: they do not alter the steps taken.
+_RESUME_FREE = {"out_dir", "progress", "log_every", "checkpoint_minutes"}
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -202,6 +204,13 @@ class SAETrainer:
             raise ValueError(
                 f"checkpoint {path} belongs to SAE {state['sae_cfg']}, not {dataclasses.asdict(self.sae.cfg)}: "
                 "use another out_dir or the same SAE config"
+            )
+        saved, now = state["train_cfg"], dataclasses.asdict(self.cfg)
+        differing = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k])
+        if differing:
+            raise ValueError(
+                f"checkpoint {path} was trained with other settings ({', '.join(f'{k}={saved.get(k)!r}' for k in differing)}; "
+                f"now {', '.join(f'{k}={now[k]!r}' for k in differing)}): use another out_dir, or the same settings to resume"
             )
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -71,6 +71,10 @@ def test_checkpoint_of_another_sae_is_refused(tmp_path):
     train_sae(SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4), toy_batches(2), cfg)
     with pytest.raises(ValueError, match="belongs to SAE"):
         SAETrainer(make_sae(SAEConfig(d_in=24, d_sae=32, architecture="topk", k=4)), cfg)
+    # Same SAE, another schedule (a smoke run's checkpoint met by a real run): refused too.
+    with pytest.raises(ValueError, match="other settings.*total_tokens=1024"):
+        SAETrainer(make_sae(SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4)), dataclasses.replace(cfg, total_tokens=4096))
+    SAETrainer(make_sae(SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4)), dataclasses.replace(cfg, progress=True))
 
 
 def test_topk_recovers_toy_features():
