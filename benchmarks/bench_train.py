@@ -53,8 +53,11 @@ def fvu(reconstruct, x_ND: torch.Tensor) -> float:
 
 
 def run_saelib(pool, steps, d_in, d_sae, k, architecture):
-    cfg = TrainConfig(total_tokens=steps * BATCH, batch_size=BATCH, lr=1e-3, progress=False,
-                      l1_coefficient=3.0 if architecture == "relu" else 0.0, dead_tokens=2 * BATCH)
+    # Notebook 03's settings; warm-up scaled to the short run so most steps use the peak lr.
+    relu = architecture == "relu"
+    cfg = TrainConfig(total_tokens=steps * BATCH, batch_size=BATCH, lr=4e-3 if relu else 1e-3, progress=False,
+                      lr_warmup_steps=max(1, steps // 10), l1_coefficient=0.1 if relu else 0.0,
+                      l1_warmup_steps=max(1, steps // 4) if relu else 0, dead_tokens=2 * BATCH)
     batches = lambda: itertools.islice(itertools.cycle(pool), steps)  # noqa: E731
     started = time.perf_counter()
     result = train_sae(SAEConfig(d_in, d_sae, architecture, k=k), batches, cfg)
