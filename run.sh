@@ -33,7 +33,9 @@ case "$cmd" in
   test)
     ensure_env
     export SAELIB_PROFILE=smoke
-    exec "$PY" -m pytest tests --nbmake notebooks "$@"
+    # Generous per-cell limit: a notebook cell that takes 30 s alone can take minutes on a
+    # machine shared with other jobs (small-op torch code slows down sharply there).
+    exec "$PY" -m pytest tests --nbmake --nbmake-timeout=1800 notebooks "$@"
     ;;
   *)
     echo "usage: bash run.sh all|test [extra args]" >&2

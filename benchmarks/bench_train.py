@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from saelib.sae import SAEConfig, make_sae
+from saelib.sae import SAEConfig
 from saelib.toy import ToyConfig, ToyData
 from saelib.train import TrainConfig, train_sae
 
