@@ -18,7 +18,6 @@ and ``load_sae`` loads SAELens's standard, TopK and JumpReLU SAEs.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -444,7 +443,3 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
             tensor.copy_(tensors[name_].float())
     return sae.to(device)
 
-
-def replace_cfg(sae: SparseAutoencoder, **changes) -> None:
-    """Update fields of ``sae.cfg`` (metadata such as hook and model names)."""
-    sae.cfg = dataclasses.replace(sae.cfg, **changes)
