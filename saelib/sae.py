@@ -19,7 +19,6 @@ and ``load_sae`` loads SAELens's standard, TopK and JumpReLU SAEs.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from .sparse_ops import SparseDecode, SparseEncode
+from .store import write_atomic
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -203,12 +203,9 @@ class SparseAutoencoder(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.weights_to_save().items()}
-        tmp = folder / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, folder / WEIGHTS_FILE)
+        write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         cfg_text = json.dumps(saelens_cfg(self.cfg, self.saved_architecture()), indent=1)
-        (folder / (CFG_FILE + ".tmp")).write_text(cfg_text)
-        os.replace(folder / (CFG_FILE + ".tmp"), folder / CFG_FILE)
+        write_atomic(folder / CFG_FILE, lambda tmp: tmp.write_text(cfg_text))
         return folder
 
     def weights_to_save(self) -> dict[str, torch.Tensor]:

@@ -27,7 +27,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .sae import SAEConfig, SparseAutoencoder, init_b_dec_, init_from_data_, init_tied_, make_sae
 from .sparse_ops import SparseDecode, SparseEncode
-from .store import ActivationStore
+from .store import ActivationStore, write_atomic
 
 STATE_FILE = "trainer_state.pt"
 # TrainConfig fields a resumed run may change: they do not alter the steps taken.
@@ -193,9 +192,8 @@ class SAETrainer:
         if self.out_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / STATE_FILE
-        torch.save(self._state(), path.with_name(path.name + ".tmp"))
-        os.replace(path.with_name(path.name + ".tmp"), path)
+        state = self._state()
+        write_atomic(self.out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
     def _load_state(self) -> None:
         path = self.out_dir / STATE_FILE
