@@ -94,3 +94,18 @@ def save_results(notebook: str, results: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     os.replace(tmp, out)
     return out
+
+
+def load_results(notebook: str) -> dict:
+    """Key numbers an earlier notebook saved with ``save_results``; a clear error naming the
+    notebook to run first when they are missing or from another profile."""
+    path = results_dir() / f"{notebook}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run notebooks/{notebook}.ipynb first (same SAELIB_PROFILE)")
+    results = json.loads(path.read_text())
+    if results.get("profile") != profile().name:
+        raise ValueError(
+            f"{path} comes from the {results.get('profile')!r} profile, this notebook runs {profile().name!r}: "
+            f"run notebooks/{notebook}.ipynb again with SAELIB_PROFILE={profile().name}"
+        )
+    return results

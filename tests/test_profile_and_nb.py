@@ -46,3 +46,15 @@ def test_save_results_writes_json(monkeypatch, tmp_path):
     monkeypatch.setenv("SAELIB_PROFILE", "smoke")
     path = nb.save_results("99_demo", {"fvu": 0.25})
     assert json.loads(path.read_text()) == {"notebook": "99_demo", "profile": "smoke", "fvu": 0.25}
+
+
+def test_load_results_round_trips_and_names_the_notebook_to_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAELIB_RESULTS", str(tmp_path))
+    monkeypatch.setenv("SAELIB_PROFILE", "smoke")
+    with pytest.raises(FileNotFoundError, match="run notebooks/98_demo.ipynb first"):
+        nb.load_results("98_demo")
+    nb.save_results("98_demo", {"main_sae": "x"})
+    assert nb.load_results("98_demo")["main_sae"] == "x"
+    monkeypatch.setenv("SAELIB_PROFILE", "default")
+    with pytest.raises(ValueError, match="SAELIB_PROFILE=default"):
+        nb.load_results("98_demo")
