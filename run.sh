@@ -33,6 +33,9 @@ case "$cmd" in
   test)
     ensure_env
     export SAELIB_PROFILE=smoke
+    # No front end will answer widgets here: interactive views render their static form
+    # (nbclient can stall on output drawn into ipywidgets.Output while a cell runs).
+    export SAELIB_HEADLESS=1
     # Generous per-cell limit: a notebook cell that takes 30 s alone can take minutes on a
     # machine shared with other jobs (small-op torch code slows down sharply there).
     exec "$PY" -m pytest tests --nbmake --nbmake-timeout=1800 notebooks "$@"

@@ -66,10 +66,19 @@ def run_notebook(path: Path, executed_dir: Path, report_dir: Path, timeout: int 
     )
     started = time.time()
     error = None
+    # The kernel inherits the environment: tell it no front end will ever answer widgets,
+    # so interactive views render a static version into the report (saelib.explorer).
+    previous = os.environ.get("SAELIB_HEADLESS")
+    os.environ["SAELIB_HEADLESS"] = "1"
     try:
         client.execute()
     except CellExecutionError as err:
         error = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+    finally:
+        if previous is None:
+            os.environ.pop("SAELIB_HEADLESS", None)
+        else:
+            os.environ["SAELIB_HEADLESS"] = previous
     seconds = time.time() - started
     executed_dir.mkdir(parents=True, exist_ok=True)
     report_dir.mkdir(parents=True, exist_ok=True)

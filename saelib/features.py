@@ -1,0 +1,229 @@
+"""Every latent activation of an SAE over a store, kept sparse, and what dashboards read from it.
+
+One pass of the SAE over a store's rows records each nonzero activation as a
+(row, latent, value) triple, sorted by latent. From that alone come a feature's top
+examples, its quantile bands, histogram and density, the tokens it fires on, and the
+context around each example (the store's token records locate every row), so no part of
+the corpus is run through the model again::
+
+    acts = FeatureActivations.collect(sae, store, n_rows=200_000)
+    acts.top_examples(feature=12, n=10)     # pandas: row, value, token, context, position
+    acts.feature_table(tokenizer)           # density, max activation, top tokens per latent
+
+Shapes: ``F`` latents, ``N`` store rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+
+class Example(NamedTuple):
+    """One activating token in its context window."""
+
+    row: int
+    """Store row."""
+    value: float
+    """The feature's activation there."""
+    context: int
+    """Index into ``store.contexts()``."""
+    position: int
+    """Token position within the context."""
+
+
+@dataclass
+class FeatureActivations:
+    """Nonzero activations of every latent over the first ``n_rows`` rows of a store,
+    grouped by latent (``offsets_F1[f]:offsets_F1[f+1]`` index latent ``f``'s entries)."""
+
+    rows: np.ndarray
+    """int64 store row of each activation, ascending within each latent."""
+    values: np.ndarray
+    """float32 activation values."""
+    offsets_F1: np.ndarray
+    """[d_sae + 1] int64 start of each latent's entries."""
+    n_rows: int
+    """Rows the SAE was run over."""
+    store: object
+    """The ``ActivationStore`` (for token records)."""
+
+    @classmethod
+    @torch.no_grad()
+    def collect(cls, sae, store, n_rows: int | None = None, batch_size: int = 8192) -> "FeatureActivations":
+        """Run ``sae`` over the store's first ``n_rows`` rows (all by default)."""
+        store.require(d_in=sae.cfg.d_in)
+        total = len(store) if n_rows is None else min(n_rows, len(store))
+        pieces_rows, pieces_latents, pieces_values = [], [], []
+        device = sae.W_enc.device
+        for start in range(0, total, batch_size):
+            latents_NF = sae.encode(store.rows(start, min(total, start + batch_size)).to(device))
+            row_index, latent_index = latents_NF.nonzero(as_tuple=True)
+            pieces_rows.append((row_index + start).cpu().numpy())
+            pieces_latents.append(latent_index.cpu().numpy())
+            pieces_values.append(latents_NF[row_index, latent_index].float().cpu().numpy())
+        rows = np.concatenate(pieces_rows).astype(np.int64)
+        latents = np.concatenate(pieces_latents).astype(np.int64)
+        values = np.concatenate(pieces_values).astype(np.float32)
+        order = np.lexsort((rows, latents))  # by latent, then row
+        counts = np.bincount(latents, minlength=sae.cfg.d_sae)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(rows[order], values[order], offsets, total, store)
+
+    # -- per feature -----------------------------------------------------------------------
+    @property
+    def d_sae(self) -> int:
+        return len(self.offsets_F1) - 1
+
+    def _check(self, feature: int) -> int:
+        if not 0 <= feature < self.d_sae:
+            raise IndexError(f"feature {feature} is out of range: this SAE has latents 0..{self.d_sae - 1}")
+        return int(feature)
+
+    def of(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, values) of one feature's nonzero activations, rows ascending."""
+        f = self._check(feature)
+        lo, hi = self.offsets_F1[f], self.offsets_F1[f + 1]
+        return self.rows[lo:hi], self.values[lo:hi]
+
+    def density(self) -> np.ndarray:
+        """Firing frequency of every latent: [F] (share of the rows)."""
+        return np.diff(self.offsets_F1) / max(1, self.n_rows)
+
+    def max_activation(self) -> np.ndarray:
+        """Largest activation of every latent (0 where it never fires): [F]."""
+        out = np.zeros(self.d_sae, dtype=np.float32)
+        nonempty = np.diff(self.offsets_F1) > 0
+        out[nonempty] = np.maximum.reduceat(self.values, self.offsets_F1[:-1][nonempty]) if nonempty.any() else []
+        return out
+
+    def activation_at(self, feature: int, rows: np.ndarray) -> np.ndarray:
+        """The feature's activation at each of ``rows`` (0 where it does not fire)."""
+        own_rows, own_values = self.of(feature)
+        rows = np.asarray(rows, dtype=np.int64)
+        where = np.searchsorted(own_rows, rows)
+        hit = (where < len(own_rows)) & (own_rows[np.minimum(where, len(own_rows) - 1)] == rows) if len(own_rows) else np.zeros(len(rows), bool)
+        out = np.zeros(len(rows), dtype=np.float32)
+        out[hit] = own_values[where[hit]]
+        return out
+
+    def _examples(self, rows: np.ndarray, values: np.ndarray) -> list[Example]:
+        contexts, positions = self.store.locate(rows)
+        return [Example(int(r), float(v), int(c), int(p)) for r, v, c, p in zip(rows, values, contexts, positions)]
+
+    def top_examples(self, feature: int, n: int = 10, one_per_context: bool = True) -> list[Example]:
+        """The ``n`` largest activations of ``feature``, largest first; with
+        ``one_per_context`` only the peak of each context window counts."""
+        rows, values = self.of(feature)
+        order = np.argsort(-values, kind="stable")
+        if one_per_context:
+            contexts, _ = self.store.locate(rows[order])
+            _, first = np.unique(contexts, return_index=True)
+            order = order[np.sort(first)]
+        return self._examples(rows[order[:n]], values[order[:n]])
+
+    def quantile_bands(self, feature: int, n_bands: int = 4, per_band: int = 5, seed: int = 0) -> list[dict]:
+        """Examples drawn at random from equal-width bands of the activation range, highest
+        band first: each ``{"low", "high", "share", "examples"}`` where ``share`` is the
+        fraction of the feature's activations that fall in the band."""
+        rows, values = self.of(feature)
+        if len(values) == 0:
+            return []
+        top = float(values.max())
+        edges = np.linspace(0.0, top, n_bands + 1)
+        band_of = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, n_bands - 1)
+        rng = np.random.default_rng(seed)
+        bands = []
+        for band in reversed(range(n_bands)):
+            members = np.flatnonzero(band_of == band)
+            chosen = np.sort(rng.choice(members, min(per_band, len(members)), replace=False)) if len(members) else members
+            chosen = chosen[np.argsort(-values[chosen], kind="stable")]
+            bands.append({"low": float(edges[band]), "high": float(edges[band + 1]), "share": len(members) / len(values),
+                          "examples": self._examples(rows[chosen], values[chosen])})
+        return bands
+
+    def context_activations(self, feature: int, example: Example) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens_L, activations_L) of the example's whole context window (0 at BOS and
+        wherever the feature does not fire)."""
+        tokens_L = np.asarray(self.store.contexts()[example.context])
+        per, first = self.store.manifest.rows_per_context, self.store.manifest.first_position
+        context_rows = example.context * per + np.arange(per)
+        acts_L = np.zeros(len(tokens_L), dtype=np.float32)
+        acts_L[first:] = self.activation_at(feature, context_rows)
+        return tokens_L, acts_L
+
+    def token_counts(self, feature: int, n: int = 10) -> list[tuple[int, int]]:
+        """The ``n`` tokens the feature fires on most often: [(token id, count)]."""
+        rows, _ = self.of(feature)
+        if len(rows) == 0:
+            return []
+        ids, counts = np.unique(self.store.tokens_of(rows), return_counts=True)
+        order = np.argsort(-counts, kind="stable")[:n]
+        return [(int(ids[i]), int(counts[i])) for i in order]
+
+    def top_token_share(self, feature: int) -> float:
+        """Share of the feature's activations that land on its single most frequent token
+        (1.0: a single-token feature)."""
+        counts = self.token_counts(feature, n=1)
+        firing = int(self.offsets_F1[feature + 1] - self.offsets_F1[feature])
+        return counts[0][1] / firing if counts else 0.0
+
+    def share_in_contexts(self, feature: int, context_mask: np.ndarray) -> float:
+        """Share of the feature's activations inside contexts where ``context_mask`` (bool,
+        one per store context) is true: e.g. the share that falls in source code."""
+        rows, _ = self.of(feature)
+        if len(rows) == 0:
+            return 0.0
+        contexts, _ = self.store.locate(rows)
+        return float(np.asarray(context_mask, dtype=bool)[contexts].mean())
+
+    # -- all features --------------------------------------------------------------------
+    def feature_table(self, tokenizer=None, n_tokens: int = 3, min_count: int = 1):
+        """One row per latent that fired at least ``min_count`` times: density, log10
+        density, max and mean activation, top tokens and the top token's share."""
+        import pandas as pd
+
+        counts = np.diff(self.offsets_F1)
+        max_acts = self.max_activation()
+        rows = []
+        for feature in np.flatnonzero(counts >= max(1, min_count)):
+            _, values = self.of(feature)
+            top = self.token_counts(feature, n_tokens)
+            rows.append({
+                "feature": int(feature),
+                "density": counts[feature] / self.n_rows,
+                "log10_density": float(np.log10(counts[feature] / self.n_rows)),
+                "max_activation": float(max_acts[feature]),
+                "mean_activation": float(values.mean()),
+                "top_tokens": [decode_token(tokenizer, t) for t, _ in top] if tokenizer is not None else [t for t, _ in top],
+                "top_token_share": top[0][1] / counts[feature],
+            })
+        return pd.DataFrame(rows)
+
+
+def decode_token(tokenizer, token_id: int) -> str:
+    """One token id as text (leading spaces kept)."""
+    return tokenizer.decode([int(token_id)], clean_up_tokenization_spaces=False)
+
+
+@torch.no_grad()
+def logit_effects(sae, model, feature: int, n: int = 10):
+    """How a feature's decoder direction moves the logits directly (through the unembedding,
+    ignoring later layers): (all effects [d_vocab], top promoted ids, top suppressed ids).
+    The final LayerNorm's scale is left out, so only the ranking is meaningful."""
+    direction_D = sae.W_dec[feature].to(model.W_U.dtype)
+    effects_V = direction_D @ model.W_U
+    return effects_V.cpu(), effects_V.topk(n).indices.tolist(), (-effects_V).topk(n).indices.tolist()
+
+
+@torch.no_grad()
+def decoder_neighbours(sae, feature: int, n: int = 5) -> list[tuple[int, float]]:
+    """The ``n`` latents whose decoder atoms have the largest cosine with ``feature``'s."""
+    atoms_FD = torch.nn.functional.normalize(sae.W_dec.float(), dim=1)
+    cosines_F = atoms_FD @ atoms_FD[feature]
+    cosines_F[feature] = -2.0
+    values, indices = cosines_F.topk(min(n, len(cosines_F) - 1))
+    return [(int(i), float(v)) for i, v in zip(indices, values)]

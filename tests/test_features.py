@@ -1,0 +1,109 @@
+"""FeatureActivations: sparse records of an SAE over a store, checked against dense encodes."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from saelib.features import FeatureActivations, decoder_neighbours, logit_effects
+from saelib.harvest import HarvestConfig, harvest
+from saelib.sae import SAEConfig, make_sae
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model, tiny_cfg, tmp_path_factory):
+    tokens = torch.randint(1, tiny_cfg.d_vocab, (20, 10), generator=torch.Generator().manual_seed(2))
+    tokens[:, 0] = 0
+    tokens[:, 5] = 7  # one token repeated in every context: some latent will love it
+    cfg = HarvestConfig(hooks=[HOOK], dtype="float32", out_dir=str(tmp_path_factory.mktemp("s")), progress=False)
+    return harvest(tiny_model, tokens, cfg)[HOOK]
+
+
+@pytest.fixture(scope="module")
+def sae(store):
+    torch.manual_seed(0)
+    return make_sae(SAEConfig(store.d_in, 48, "topk", k=3, hook_name=HOOK)).eval()
+
+
+@pytest.fixture(scope="module")
+def acts(sae, store):
+    return FeatureActivations.collect(sae, store, batch_size=37)
+
+
+def dense(sae, store):
+    with torch.no_grad():
+        return sae.encode(store.rows(0, len(store))).numpy()
+
+
+def test_sparse_record_equals_the_dense_encode(sae, store, acts):
+    latents_NF = dense(sae, store)
+    assert acts.n_rows == len(store) and acts.d_sae == 48
+    np.testing.assert_allclose(acts.density(), (latents_NF != 0).mean(0))
+    np.testing.assert_allclose(acts.max_activation(), latents_NF.max(0), rtol=1e-6)
+    feature = int((latents_NF != 0).sum(0).argmax())
+    rows, values = acts.of(feature)
+    np.testing.assert_array_equal(rows, np.flatnonzero(latents_NF[:, feature]))
+    np.testing.assert_allclose(values, latents_NF[rows, feature], rtol=1e-6)
+    probe = np.arange(len(store))
+    np.testing.assert_allclose(acts.activation_at(feature, probe), latents_NF[:, feature], rtol=1e-6)
+
+
+def test_top_examples_are_the_largest_one_per_context(sae, store, acts):
+    latents_NF = dense(sae, store)
+    feature = int((latents_NF != 0).sum(0).argmax())
+    top = acts.top_examples(feature, n=5)
+    values = [e.value for e in top]
+    assert values == sorted(values, reverse=True) and values[0] == pytest.approx(latents_NF[:, feature].max())
+    assert len({e.context for e in top}) == len(top)
+    for example in top:  # the example points back at its token in the store
+        assert store.contexts()[example.context, example.position] == store.tokens_of(example.row)
+        tokens_L, acts_L = acts.context_activations(feature, example)
+        assert acts_L[example.position] == pytest.approx(example.value) and acts_L[0] == 0
+        assert len(tokens_L) == store.manifest.context_len
+    with pytest.raises(IndexError, match="latents 0..47"):
+        acts.of(48)
+
+
+def test_quantile_bands_cover_every_activation(acts):
+    feature = int(np.argmax(np.diff(acts.offsets_F1)))
+    bands = acts.quantile_bands(feature, n_bands=3, per_band=4)
+    assert len(bands) == 3 and bands[0]["high"] == pytest.approx(acts.max_activation()[feature])
+    assert sum(b["share"] for b in bands) == pytest.approx(1.0)
+    for band in bands:
+        assert len(band["examples"]) <= 4
+        assert all(band["low"] - 1e-6 <= e.value <= band["high"] + 1e-6 for e in band["examples"])
+
+
+def test_feature_table_and_token_counts(store, acts):
+    table = acts.feature_table()
+    assert set(table.feature) == set(np.flatnonzero(np.diff(acts.offsets_F1)))
+    assert (table.top_token_share <= 1).all() and (table.density > 0).all()
+    feature = int(table.sort_values("top_token_share").iloc[-1].feature)
+    rows, _ = acts.of(feature)
+    ids, counts = np.unique(store.tokens_of(rows), return_counts=True)
+    assert acts.token_counts(feature, 1)[0] == (int(ids[counts.argmax()]), int(counts.max()))
+    assert acts.top_token_share(feature) == pytest.approx(counts.max() / len(rows))
+
+
+def test_share_in_contexts(store, acts):
+    feature = int(np.argmax(np.diff(acts.offsets_F1)))
+    rows, _ = acts.of(feature)
+    contexts, _ = store.locate(rows)
+    mask = np.zeros(len(store.contexts()), dtype=bool)
+    mask[::2] = True
+    assert acts.share_in_contexts(feature, mask) == pytest.approx(np.mean(contexts % 2 == 0))
+    assert acts.share_in_contexts(feature, np.ones_like(mask)) == 1.0
+
+
+def test_logit_effects_and_neighbours(tiny_model, sae):
+    sae = copy.deepcopy(sae)
+    effects, promoted, suppressed = logit_effects(sae, tiny_model, 3, n=4)
+    expected = sae.W_dec[3] @ tiny_model.W_U
+    torch.testing.assert_close(effects, expected.detach())
+    assert promoted[0] == int(expected.argmax()) and suppressed[0] == int(expected.argmin())
+    with torch.no_grad():
+        sae.W_dec[5] = 2 * sae.W_dec[3]  # a parallel atom is the nearest neighbour, cosine 1
+    assert decoder_neighbours(sae, 3, n=2)[0] == (5, pytest.approx(1.0, abs=1e-5))
