@@ -88,10 +88,12 @@ def run_notebook(path: Path, executed_dir: Path, report_dir: Path, timeout: int 
 
 
 def summary_table(folder: str | Path | None = None) -> pd.DataFrame:
-    """One row per ``results/*.json``: the notebook's key numbers, flattened."""
+    """One row per ``results/*.json``: the notebook's key numbers, nested dicts flattened to
+    ``a.b`` columns; lists (tables of runs, sweeps) stay in the JSON files."""
     rows = []
     for path in sorted(Path(folder or results_dir()).glob("*.json")):
-        rows.append(pd.json_normalize(json.loads(path.read_text())).iloc[0].to_dict())
+        flat = pd.json_normalize(json.loads(path.read_text())).iloc[0].to_dict()
+        rows.append({key: value for key, value in flat.items() if not isinstance(value, (list, dict))})
     return pd.DataFrame(rows)
 
 

@@ -1,3 +1,4 @@
+import json
 import re
 
 import nbformat
@@ -65,3 +66,11 @@ def test_quickstart_report_opens_offline(tmp_path, monkeypatch):
     assert report.remote_resources(html) == []
     assert "00 · Quickstart" in html and "Plotly.newPlot" in html
     assert (tmp_path / "results" / "00_quickstart.json").exists()
+
+
+def test_summary_table_keeps_scalars_and_flattens_dicts(tmp_path):
+    (tmp_path / "01_a.json").write_text(json.dumps({"notebook": "01_a", "fvu": 0.5, "runs": [{"x": 1}], "main": {"l0": 32}}))
+    (tmp_path / "02_b.json").write_text(json.dumps({"notebook": "02_b", "ce": 0.9}))
+    table = report.summary_table(tmp_path)
+    assert list(table.notebook) == ["01_a", "02_b"]
+    assert set(table.columns) == {"notebook", "fvu", "main.l0", "ce"} and table.loc[0, "main.l0"] == 32
