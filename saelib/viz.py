@@ -57,9 +57,10 @@ def cv_tokens(tokens: list[str], values):
     return colored_tokens(tokens=list(tokens), values=[float(v) for v in values])
 
 
-def _window(tokens_L, acts_L, position: int, before: int, after: int) -> tuple[slice, int]:
+def _window(n_tokens: int, position: int, before: int, after: int) -> tuple[slice, int]:
+    """The slice of a context shown around ``position``, and the position within it."""
     lo = max(1, position - before)  # never show BOS
-    return slice(lo, min(len(tokens_L), position + after + 1)), position - lo
+    return slice(lo, min(n_tokens, position + after + 1)), position - lo
 
 
 @dataclass
@@ -167,7 +168,7 @@ def feature_dashboard(acts: FeatureActivations, sae, model, feature: int, label:
         shown = []
         for example in examples:
             tokens_L, acts_L = acts.context_activations(feature, example)
-            span, peak = _window(tokens_L, acts_L, example.position, *window)
+            span, peak = _window(len(tokens_L), example.position, *window)
             shown.append((example, [decode_token(tokenizer, t) for t in tokens_L[span]], acts_L[span], peak))
         return shown
 
