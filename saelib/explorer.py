@@ -13,7 +13,6 @@ writing HTML reports, and the test command), ``display`` shows static dashboards
 from __future__ import annotations
 
 import html
-import os
 
 import numpy as np
 import torch
@@ -24,7 +23,9 @@ from .viz import feature_dashboard, token_html
 
 def headless() -> bool:
     """True when the notebook runs with no front end to talk to widgets (the main job)."""
-    return os.environ.get("SAELIB_HEADLESS", "").strip().lower() in ("1", "true", "yes")
+    from .nb import env_flag
+
+    return env_flag("SAELIB_HEADLESS")
 
 
 class FeatureExplorer:

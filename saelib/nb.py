@@ -42,8 +42,13 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
+def env_flag(name: str) -> bool:
+    """True when environment variable ``name`` is set to 1, true or yes."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+    return env_flag("CI")
 
 
 def seed_everything(seed: int) -> None:
