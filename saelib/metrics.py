@@ -174,11 +174,11 @@ class DownstreamLoss(NamedTuple):
     ce_recovered_vs_mean: float
     """The same against mean-ablation, a stricter baseline."""
     kl_spliced: float
-    """Mean KL(clean ‖ spliced) per token."""
+    """Mean KL(clean ‖ spliced) of the next-token distributions, over the same predictions."""
     kl_zero: float
-    """Mean KL(clean ‖ zero-ablated) per token."""
+    """Mean KL(clean ‖ zero-ablated), likewise."""
     n_tokens: int
-    """Predictions averaged over."""
+    """Predictions averaged over (every position but the last)."""
 
 
 def recovered(ce_ablated: float, ce_spliced: float, ce_clean: float) -> float:
@@ -206,7 +206,7 @@ def downstream_losses(model, tokens_NL: torch.Tensor, sae, hook_name: str | None
     }
     ce = dict.fromkeys(["clean", *interventions], 0.0)
     kl = {"spliced": 0.0, "zero": 0.0}
-    n_predictions, n_positions = 0, 0
+    n_predictions = 0
     for start in range(0, len(tokens_NL), batch_size):
         batch = tokens_NL[start : start + batch_size].to(device)
         clean = model(batch)
@@ -215,15 +215,14 @@ def downstream_losses(model, tokens_NL: torch.Tensor, sae, hook_name: str | None
             logits = model.run_with_hooks(batch, fwd_hooks=[(hook_name, hook_fn)])
             ce[name] += float(token_losses(logits, batch).double().sum())
             if name in kl:
-                kl[name] += float(kl_divergence(clean, logits).double().sum())
+                kl[name] += float(kl_divergence(clean[:, :-1], logits[:, :-1]).double().sum())
         n_predictions += batch.shape[0] * (batch.shape[1] - 1)
-        n_positions += batch.numel()
     ce = {name: total / n_predictions for name, total in ce.items()}
     return DownstreamLoss(
         ce_clean=ce["clean"], ce_spliced=ce["spliced"], ce_zero=ce["zero"], ce_mean=ce["mean"],
         ce_recovered=recovered(ce["zero"], ce["spliced"], ce["clean"]),
         ce_recovered_vs_mean=recovered(ce["mean"], ce["spliced"], ce["clean"]),
-        kl_spliced=kl["spliced"] / n_positions, kl_zero=kl["zero"] / n_positions, n_tokens=n_predictions,
+        kl_spliced=kl["spliced"] / n_predictions, kl_zero=kl["zero"] / n_predictions, n_tokens=n_predictions,
     )
 
 

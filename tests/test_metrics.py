@@ -178,6 +178,9 @@ def test_downstream_loss_of_perfect_and_of_empty_dictionaries(tiny_model, tokens
     assert perfect.n_tokens == tokens_NL.shape[0] * (tokens_NL.shape[1] - 1)
     clean_ce = metrics.token_losses(tiny_model(tokens_NL), tokens_NL).mean().item()
     assert perfect.ce_clean == pytest.approx(clean_ce, rel=1e-5)
+    zeroed = tiny_model.run_with_hooks(tokens_NL, fwd_hooks=[(HOOK, ablation_hook("zero"))])
+    kl_by_hand = metrics.kl_divergence(tiny_model(tokens_NL)[:, :-1], zeroed[:, :-1]).mean().item()
+    assert perfect.kl_zero == pytest.approx(kl_by_hand, rel=1e-4)  # averaged over the CE's predictions
 
     empty = make_sae(SAEConfig(d, 8, "topk", k=2, hook_name=HOOK))
     with torch.no_grad():

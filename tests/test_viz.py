@@ -70,7 +70,7 @@ def test_saved_dashboard_is_a_standalone_offline_page(model, sae_and_acts, tmp_p
     assert page.count("plotly.js v") <= 2 and len(page) < 6_000_000  # plotly.js inlined once (~4.6 MB)
 
 
-def test_explorer_search_text_and_static_fallback(model, sae_and_acts, monkeypatch, capsys):
+def test_explorer_search_text_and_static_fallback(model, sae_and_acts, monkeypatch):
     sae, acts = sae_and_acts
     explorer = FeatureExplorer(model, {"random": (sae, acts)})
     table = explorer.table("random")
