@@ -87,10 +87,13 @@ def _cmd_zoo_corpus(args) -> int:
 
 
 def _train_config(args):
+    from .zoo.lm import LMConfig
     from .zoo.train_lm import TrainLMConfig
 
     build = Path(args.build_dir)
     return TrainLMConfig(
+        model=LMConfig(positional_embedding_type=args.positions),
+        repeat_layout=args.repeat_layout,
         train_tokens=str(build / "tokens" / "train.bin"),
         val_tokens=str(build / "tokens" / "val.bin"),
         out_dir=str(build / args.run_name),
@@ -104,6 +107,8 @@ def _train_config(args):
         init_from=args.init_from or "",
         copy_warmup_steps=args.copy_warmup_steps,
         copy_warmup_share=args.copy_warmup_share,
+        copy_warmup_period=args.copy_warmup_period,
+        min_repeat_len=args.min_repeat_len,
     )
 
 
@@ -190,18 +195,28 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "corpus":
             step.add_argument("--vocab-size", type=int, default=8192)
         if name == "train":
-            step.add_argument("--total-tokens", type=int, default=40_000_000, help="length of the lr schedule")
+            step.add_argument("--total-tokens", type=int, default=20_000_000, help="length of the lr schedule")
             step.add_argument("--batch-size", type=int, default=16, help="sequences of n_ctx tokens per step")
-            step.add_argument("--lr", type=float, default=1e-3)
+            step.add_argument("--lr", type=float, default=2e-3)
+            step.add_argument(
+                "--positions", choices=["rotary", "standard"], default="rotary",
+                help="rotary (relative) or learned absolute position embeddings",
+            )  # fmt: skip
+            step.add_argument(
+                "--repeat-layout", choices=["random", "half"], default="random",
+                help="where repeated rows put their two copies (see TrainLMConfig.repeat_layout)",
+            )  # fmt: skip
             step.add_argument("--repeat-share", type=float, default=0.1, help="rows of text chunk + its copy")
             step.add_argument("--random-repeat-share", type=float, default=0.1, help="rows of random tokens + their copy")
             step.add_argument("--fp32", action="store_true", help="no bfloat16 autocast")
             step.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
             step.add_argument("--max-steps", type=int, help="stop after this many more steps")
             step.add_argument("--threads", type=int, help="torch threads")
-            step.add_argument("--warmup-steps", type=int, default=200, help="linear lr warm-up steps")
+            step.add_argument("--warmup-steps", type=int, default=100, help="linear lr warm-up steps")
             step.add_argument("--copy-warmup-steps", type=int, default=0, help="first steps with more random-copy rows")
             step.add_argument("--copy-warmup-share", type=float, default=0.5, help="random-copy share in those steps")
+            step.add_argument("--copy-warmup-period", type=int, default=0, help="if > 0, those rows repeat a chunk of at most this length")
+            step.add_argument("--min-repeat-len", type=int, default=8, help="shortest repeated chunk (and period)")
             step.add_argument("--init-from", help="start from these weights (checkpoint.pt or .safetensors)")
         if name in ("train", "export"):
             step.add_argument("--run-name", default="run", help="run folder under --build-dir")

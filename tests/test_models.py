@@ -11,6 +11,31 @@ def test_lean_twin_logits_match_hooked_transformer(tiny_lean, tiny_model, tiny_c
         assert torch.allclose(tiny_lean(tokens), tiny_model(tokens), atol=1e-5)
 
 
+def test_rotary_lean_twin_matches_hooked_transformer(tiny_cfg):
+    import dataclasses
+
+    from saelib.zoo.lm import LeanGPT, rotary_cos_sin, rotate
+
+    cfg = dataclasses.replace(tiny_cfg, positional_embedding_type="rotary")
+    torch.manual_seed(0)
+    lean = LeanGPT(cfg)
+    assert not any(name.startswith("pos_embed") for name in lean.state_dict())
+    hooked = to_hooked_transformer(lean.state_dict(), cfg)
+    tokens = torch.randint(0, cfg.d_vocab, (3, cfg.n_ctx))
+    with torch.no_grad():
+        logits = lean(tokens)
+        assert torch.allclose(logits, hooked(tokens), atol=1e-5)
+    # a rotated query-key score depends on the two positions' offset only
+    cos, sin = rotary_cos_sin(cfg.n_ctx, cfg.d_head, cfg.rotary_base)
+    q, k = torch.randn(2, cfg.d_head)
+    q_SE, k_SE = rotate(q.expand(cfg.n_ctx, -1), cos, sin), rotate(k.expand(cfg.n_ctx, -1), cos, sin)
+    scores = q_SE @ k_SE.T
+    assert torch.allclose(scores[7, 3], scores[20, 16], atol=1e-5) and torch.allclose(scores[5, 5], q @ k, atol=1e-5)
+    assert not torch.allclose(scores[7, 3], scores[7, 4], atol=1e-3)
+    with pytest.raises(ValueError, match="positional_embedding_type"):
+        dataclasses.replace(tiny_cfg, positional_embedding_type="alibi")
+
+
 def test_weights_for_another_shape_are_refused(tiny_lean, tiny_cfg):
     import dataclasses
 

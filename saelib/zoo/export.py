@@ -75,6 +75,9 @@ def export_embedded(
         "peak lr": train_cfg.lr,
         "repeated-chunk share": train_cfg.repeat_share,
         "repeated-random-tokens share": train_cfg.random_repeat_share,
+        "repeat layout": f"{train_cfg.repeat_layout} (chunks of {train_cfg.min_repeat_len}+ tokens)"
+        if train_cfg.repeat_layout == "random"
+        else "half (chunk, then its copy)",
         "started from": train_cfg.init_from or "random initialisation",
         "bf16 autocast": train_cfg.bf16,
         "train tokens in corpus": meta["splits"]["train"]["tokens"],

@@ -21,7 +21,7 @@ from torch import nn
 
 @dataclass
 class LMConfig:
-    """Shape of a GPT-style language model (pre-LayerNorm, learned absolute positions)."""
+    """Shape of a GPT-style language model (pre-LayerNorm)."""
 
     n_layers: int = 4
     """Number of transformer blocks."""
@@ -41,6 +41,23 @@ class LMConfig:
     """MLP non-linearity; exact GELU, as TransformerLens's ``"gelu"``."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weight matrices."""
+    positional_embedding_type: str = "standard"
+    """``"standard"``: learned absolute position vectors added to the residual stream.
+    ``"rotary"``: queries and keys rotated by position (GPT-NeoX style, all of ``d_head``),
+    so attention scores depend on relative position and no position vector enters the
+    residual stream."""
+    rotary_base: int = 10000
+    """Base of the rotary frequencies (used with ``"rotary"`` only)."""
+
+    def __post_init__(self):
+        if self.positional_embedding_type not in ("standard", "rotary"):
+            raise ValueError(f"positional_embedding_type {self.positional_embedding_type!r}: use 'standard' or 'rotary'")
+        if self.positional_embedding_type == "rotary" and self.d_head % 2:
+            raise ValueError(f"rotary positions need an even d_head, not {self.d_head}")
+
+    @property
+    def rotary(self) -> bool:
+        return self.positional_embedding_type == "rotary"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,7 +88,10 @@ class LMConfig:
             d_vocab=self.d_vocab,
             act_fn=self.act_fn,
             normalization_type="LN",
-            positional_embedding_type="standard",
+            positional_embedding_type=self.positional_embedding_type,
+            rotary_dim=self.d_head if self.rotary else None,
+            rotary_base=self.rotary_base,
+            rotary_adjacent_pairs=False,
             original_architecture="saelib-embedded",
             model_name="saelib-embedded",
             default_prepend_bos=True,
@@ -90,9 +110,29 @@ class _LayerNorm(nn.Module):
         return F.layer_norm(x, x.shape[-1:], self.w, self.b, eps=1e-5)
 
 
+def rotary_cos_sin(n_ctx: int, d_head: int, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, [n_ctx, d_head] each; dimension i pairs with
+    i + d_head/2 (GPT-NeoX layout, as TransformerLens with ``rotary_adjacent_pairs=False``)."""
+    inverse_freq = base ** (-torch.arange(d_head // 2, dtype=torch.float32) / (d_head // 2))
+    angles = torch.arange(n_ctx, dtype=torch.float32)[:, None] * inverse_freq.repeat(2)[None, :]
+    return angles.cos(), angles.sin()
+
+
+def rotate(x_BHSE: torch.Tensor, cos_SE: torch.Tensor, sin_SE: torch.Tensor) -> torch.Tensor:
+    """Rotate each (i, i + E/2) pair of query or key coordinates by its position's angle."""
+    first, second = x_BHSE.chunk(2, dim=-1)
+    return x_BHSE * cos_SE + torch.cat([-second, first], dim=-1) * sin_SE
+
+
 class _Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
+        if cfg.rotary:
+            cos, sin = rotary_cos_sin(cfg.n_ctx, cfg.d_head, cfg.rotary_base)
+            # not in the state_dict: derived from the config, like TransformerLens's buffers
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+        self.rotary = cfg.rotary
         H, D, E = cfg.n_heads, cfg.d_model, cfg.d_head
         self.W_Q = nn.Parameter(torch.empty(H, D, E))
         self.W_K = nn.Parameter(torch.empty(H, D, E))
@@ -108,6 +148,10 @@ class _Attention(nn.Module):
         b_qkv = torch.cat([self.b_Q, self.b_K, self.b_V], dim=0)  # [3H, E]
         qkv_B3HSE = torch.einsum("bsd,hde->bhse", x_BSD, W_qkv) + b_qkv[None, :, None, :]
         q, k, v = qkv_B3HSE.chunk(3, dim=1)
+        if self.rotary:
+            S = x_BSD.shape[1]
+            cos, sin = self.rotary_cos[:S].to(q.dtype), self.rotary_sin[:S].to(q.dtype)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         z_BHSE = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return torch.einsum("bhse,hed->bsd", z_BHSE, self.W_O) + self.b_O
 
@@ -171,7 +215,8 @@ class LeanGPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = _Embed(cfg.d_vocab, cfg.d_model)
-        self.pos_embed = _PosEmbed(cfg.n_ctx, cfg.d_model)
+        if not cfg.rotary:
+            self.pos_embed = _PosEmbed(cfg.n_ctx, cfg.d_model)
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
         self.ln_final = _LayerNorm(cfg.d_model)
         self.unembed = _Unembed(cfg.d_model, cfg.d_vocab)
@@ -197,7 +242,9 @@ class LeanGPT(nn.Module):
         S = tokens_BS.shape[1]
         if S > self.cfg.n_ctx:
             raise ValueError(f"sequence length {S} exceeds n_ctx={self.cfg.n_ctx}")
-        x = self.embed.W_E[tokens_BS] + self.pos_embed.W_pos[:S]
+        x = self.embed.W_E[tokens_BS]
+        if not self.cfg.rotary:
+            x = x + self.pos_embed.W_pos[:S]
         for block in self.blocks:
             x = block(x)
         return self.ln_final(x)
@@ -224,8 +271,9 @@ def to_hooked_transformer(state_dict: dict, cfg: LMConfig, tokenizer=None, devic
     missing, unexpected = model.load_state_dict(
         {k: v.to(device) for k, v in state_dict.items()}, strict=False
     )
-    # HookedTransformer keeps its causal mask and IGNORE value as buffers; nothing else may be missing.
-    real_missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
+    # HookedTransformer keeps its causal mask, IGNORE value and rotary tables as buffers;
+    # nothing else may be missing.
+    real_missing = [k for k in missing if not k.endswith((".mask", ".IGNORE", ".rotary_sin", ".rotary_cos"))]
     if real_missing or unexpected:
         raise ValueError(f"weights do not match the config: missing {real_missing}, unexpected {unexpected}")
     model.eval()

@@ -62,6 +62,18 @@ class TrainLMConfig:
     the model settles into n-gram statistics."""
     copy_warmup_share: float = 0.5
     """Share of repeated random-token rows during the copy warm-up."""
+    copy_warmup_period: int = 0
+    """If positive, copy warm-up rows are periodic instead: one random-token chunk of
+    ``min_repeat_len`` to ``copy_warmup_period`` tokens repeated to fill the row, so most
+    tokens can be copied from a few positions back (a dense signal for induction)."""
+    repeat_layout: str = "random"
+    """Where a repeated row's two copies sit. ``"random"``: a chunk of random length
+    (``min_repeat_len`` to half the window) at a random place, its copy at a random later
+    place, text around them, so only copying by content (induction) predicts the copy.
+    ``"half"`` (runs before this field existed): the chunk fills the first half and its copy
+    the second, which a model can also predict by attending a fixed distance back."""
+    min_repeat_len: int = 8
+    """Shortest repeated chunk in the ``"random"`` layout, in tokens."""
     seed: int = 0
     """Seeds initialisation and every batch."""
     eval_every: int = 100
@@ -87,6 +99,8 @@ class TrainLMConfig:
     def from_dict(cls, values: dict) -> "TrainLMConfig":
         values = dict(values)
         values["model"] = LMConfig.from_dict(values.get("model", {}))
+        # Configs saved before repeat_layout existed used the half-and-half layout.
+        values.setdefault("repeat_layout", "half")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -102,8 +116,12 @@ def open_tokens(path: str | Path) -> np.ndarray:
 def sample_batch(tokens: np.ndarray, cfg: TrainLMConfig, step: int) -> torch.Tensor:
     """The batch for ``step``: [batch_size, n_ctx] int64, each row BOS + text.
 
-    A ``repeat_share`` of rows hold a chunk and then the same chunk again.
+    A ``repeat_share`` of rows repeat a chunk of their own text, and a further share
+    (``random_repeat_share``, or ``copy_warmup_share`` early on) repeat a chunk of
+    uniformly random tokens; ``repeat_layout`` says where the two copies go.
     """
+    if cfg.repeat_layout not in ("random", "half"):
+        raise ValueError(f"repeat_layout {cfg.repeat_layout!r} unknown; use 'random' or 'half'")
     rng = np.random.default_rng([cfg.seed, step])
     n_ctx, B = cfg.model.n_ctx, cfg.batch_size
     body = n_ctx - 1
@@ -118,14 +136,32 @@ def sample_batch(tokens: np.ndarray, cfg: TrainLMConfig, step: int) -> torch.Ten
         random_chunks = rng.integers(1, cfg.model.d_vocab, size=(B, half))
     else:
         is_random = np.zeros(B, dtype=bool)
+    if cfg.repeat_layout == "random":
+        min_len = min(cfg.min_repeat_len, half)
+        lengths = rng.integers(min_len, half + 1, size=B)
+        # first copy anywhere it leaves room for the second; the second anywhere after it
+        firsts = (rng.random(B) * (body - 2 * lengths + 1)).astype(np.int64)
+        seconds = firsts + lengths + (rng.random(B) * (body - 2 * lengths - firsts + 1)).astype(np.int64)
+    periodic = step < cfg.copy_warmup_steps and cfg.copy_warmup_period > 0
+    if periodic:
+        longest = min(cfg.copy_warmup_period, half)
+        periods = rng.integers(min(cfg.min_repeat_len, longest), longest + 1, size=B)
     for i, (start, repeat) in enumerate(zip(starts, is_repeat | is_random)):
-        if repeat:
+        if periodic and is_random[i]:
+            rows[i, 1:] = np.resize(random_chunks[i, : periods[i]], body)
+        elif not repeat:
+            rows[i, 1:] = tokens[start : start + body]
+        elif cfg.repeat_layout == "random":
+            rows[i, 1:] = tokens[start : start + body]
+            length, first, second = lengths[i], 1 + firsts[i], 1 + seconds[i]
+            chunk = random_chunks[i, :length] if is_random[i] else rows[i, first : first + length].copy()
+            rows[i, first : first + length] = chunk
+            rows[i, second : second + length] = chunk
+        else:
             chunk = random_chunks[i] if is_random[i] else tokens[start : start + half]
             rows[i, 1 : 1 + half] = chunk
             rows[i, 1 + half : 1 + 2 * half] = chunk
             rows[i, 1 + 2 * half :] = tokens[start + half : start + half + body - 2 * half]
-        else:
-            rows[i, 1:] = tokens[start : start + body]
     return torch.from_numpy(rows)
 
 
