@@ -109,6 +109,8 @@ def _train_config(args):
         copy_warmup_share=args.copy_warmup_share,
         copy_warmup_period=args.copy_warmup_period,
         min_repeat_len=args.min_repeat_len,
+        focus_source=args.focus_source or "",
+        focus_share=args.focus_share,
     )
 
 
@@ -217,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--copy-warmup-share", type=float, default=0.5, help="random-copy share in those steps")
             step.add_argument("--copy-warmup-period", type=int, default=0, help="if > 0, those rows repeat a chunk of at most this length")
             step.add_argument("--min-repeat-len", type=int, default=8, help="shortest repeated chunk (and period)")
+            step.add_argument("--focus-source", help="corpus source to over-sample, e.g. stories")
+            step.add_argument("--focus-share", type=float, default=0.0, help="share of rows drawn from --focus-source")
             step.add_argument("--init-from", help="start from these weights (checkpoint.pt or .safetensors)")
         if name in ("train", "export"):
             step.add_argument("--run-name", default="run", help="run folder under --build-dir")

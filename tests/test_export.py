@@ -43,3 +43,11 @@ def test_exported_model_loads_with_the_trained_logits(tmp_path, tiny_cfg, monkey
     with torch.no_grad():
         assert torch.allclose(model(tokens), trainer.model(tokens), atol=1e-5)
     assert json.loads((out / "training.json").read_text())["steps"] == cfg.steps()
+
+    # a second stage fine-tunes the first run's checkpoint: the export describes both
+    finetune = dataclasses.replace(cfg, out_dir=str(build / "finetune"), init_from=str(build / "run" / "checkpoint.pt"), lr=3e-4)
+    LMTrainer(finetune).run(max_steps=1)
+    training = json.loads((export_embedded(build, tmp_path / "data2", sample_rows=4, sample_ctx=8, run_name="finetune") / "training.json").read_text())
+    assert training["steps"] == cfg.steps() + 1
+    assert training["stage 1"].startswith(f"{cfg.steps()} of {cfg.steps()} steps") and "random initialisation" in training["stage 1"]
+    assert training["stage 2"].startswith(f"1 of {cfg.steps()} steps") and "previous stage" in training["stage 2"]

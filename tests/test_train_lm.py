@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelib.zoo.train_lm import LMTrainer, TrainLMConfig, learning_rate, sample_batch
+from saelib.zoo.train_lm import LMTrainer, TrainLMConfig, learning_rate, sample_batch, source_span
 
 
 @pytest.fixture
@@ -171,6 +171,19 @@ def test_periodic_copy_warmup_rows_repeat_a_short_chunk(run_cfg):
     assert len(periods) >= 5
     after = sample_batch(tokens, cfg, 2)[:, 1:]  # warm-up over: the random layout's single copy
     assert not any(torch.equal(row[p:], row[:-p]) for row in after for p in range(1, 13))
+
+
+def test_focus_source_rows_start_inside_its_span(run_cfg, tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"splits": {"train": {"sources": {"a": {"start": 0, "end": 4000}, "b": {"start": 4000, "end": 5000}}}}}))
+    tokens = np.fromfile(run_cfg.train_tokens, dtype=np.uint16)
+    cfg = dataclasses.replace(run_cfg, focus_source="b", focus_share=1.0, repeat_share=0.0, batch_size=16)
+    span = source_span(cfg)
+    assert span == (4000, 5000)
+    inside = {tuple(tokens[i : i + cfg.model.n_ctx - 1]) for i in range(4000, 5000 - cfg.model.n_ctx + 2)}
+    assert all(tuple(row[1:].tolist()) in inside for row in sample_batch(tokens, cfg, 0, span))
+    assert source_span(dataclasses.replace(cfg, focus_share=0.0)) is None
+    with pytest.raises(ValueError, match="sources: a, b"):
+        source_span(dataclasses.replace(cfg, focus_source="c"))
 
 
 def test_induction_ratio_is_low_only_for_a_copying_model(tiny_lean):

@@ -39,6 +39,38 @@ def token_windows(tokens: np.ndarray, n_ctx: int, n_rows: int | None, bos_id: in
     return np.concatenate([np.full((len(rows), 1), bos_id, dtype=np.uint16), rows], axis=1)
 
 
+def training_stages(state: dict) -> list[dict]:
+    """The runs that made a checkpoint, first to last: a run that started from another run's
+    checkpoint (``init_from``) follows that run's own stages."""
+    cfg = TrainLMConfig.from_dict(state["train_cfg"])
+    step = int(state["step"])
+    stage = {"cfg": cfg, "steps": step, "tokens": step * cfg.batch_size * cfg.model.n_ctx, "run": cfg.out_dir}
+    earlier = Path(cfg.init_from) if cfg.init_from else None
+    if earlier is None or earlier.suffix != ".pt":
+        stage["start"] = str(earlier) if earlier else "random initialisation"
+        return [stage]
+    if not earlier.exists():
+        raise FileNotFoundError(f"{earlier}, where run {cfg.out_dir} started, is gone: its training cannot be described")
+    stage["start"] = f"the previous stage's weights ({cfg.init_from})"
+    return [*training_stages(torch.load(earlier, weights_only=True, map_location="cpu")), stage]
+
+
+def describe_stage(stage: dict) -> str:
+    """One line: steps, schedule, learning rate and data mix of a training stage."""
+    cfg: TrainLMConfig = stage["cfg"]
+    mix = f"{cfg.repeat_share:.0%} text repeats + {cfg.random_repeat_share:.0%} random-token repeats ({cfg.repeat_layout} layout)"
+    if cfg.copy_warmup_steps:
+        kind = f"periodic, period {cfg.min_repeat_len}-{cfg.copy_warmup_period}" if cfg.copy_warmup_period else "repeats"
+        mix += f"; first {cfg.copy_warmup_steps} steps {cfg.copy_warmup_share:.0%} random-token rows ({kind})"
+    if cfg.focus_source and cfg.focus_share:
+        mix += f"; {cfg.focus_share:.0%} of rows start in {cfg.focus_source}"
+    return (
+        f"{stage['steps']} of {cfg.steps()} steps ({stage['tokens'] / 1e6:.1f}M tokens) of a "
+        f"{cfg.total_tokens / 1e6:g}M-token cosine schedule, from {stage['start']} (run {stage['run']}); batch {cfg.batch_size} x {cfg.model.n_ctx}, "
+        f"peak lr {cfg.lr:g}, warm-up {cfg.warmup_steps} steps; rows: {mix}"
+    )
+
+
 def export_embedded(
     build_dir: Path,
     out_dir: Path | None = None,
@@ -67,18 +99,11 @@ def export_embedded(
     # SAE training and dashboards read the sample; evaluations of the LM itself read held-out text.
     np.save(out_dir / SAMPLE_FILE, token_windows(train, sample_ctx, sample_rows, bos, seed=0))
     np.save(out_dir / HELDOUT_FILE, token_windows(val, sample_ctx, None, bos, seed=None))
+    stages = training_stages(state)
     training = {
-        "steps": int(state["step"]),
-        "tokens seen": int(state["step"]) * train_cfg.batch_size * train_cfg.model.n_ctx,
-        "schedule tokens": train_cfg.total_tokens,
-        "batch (sequences x n_ctx)": f"{train_cfg.batch_size} x {train_cfg.model.n_ctx}",
-        "peak lr": train_cfg.lr,
-        "repeated-chunk share": train_cfg.repeat_share,
-        "repeated-random-tokens share": train_cfg.random_repeat_share,
-        "repeat layout": f"{train_cfg.repeat_layout} (chunks of {train_cfg.min_repeat_len}+ tokens)"
-        if train_cfg.repeat_layout == "random"
-        else "half (chunk, then its copy)",
-        "started from": train_cfg.init_from or "random initialisation",
+        "steps": sum(stage["steps"] for stage in stages),
+        "tokens seen": sum(stage["tokens"] for stage in stages),
+        **{f"stage {i}": describe_stage(stage) for i, stage in enumerate(stages, 1)},
         "bf16 autocast": train_cfg.bf16,
         "train tokens in corpus": meta["splits"]["train"]["tokens"],
         "token files": f"{SAMPLE_FILE}: {sample_rows} x {sample_ctx} windows of training text; "

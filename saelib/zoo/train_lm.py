@@ -74,6 +74,11 @@ class TrainLMConfig:
     the second, which a model can also predict by attending a fixed distance back."""
     min_repeat_len: int = 8
     """Shortest repeated chunk in the ``"random"`` layout, in tokens."""
+    focus_source: str = ""
+    """A corpus source to over-sample (e.g. ``"stories"``); its span of the train file comes
+    from the ``meta.json`` beside it."""
+    focus_share: float = 0.0
+    """Share of rows that start inside ``focus_source`` (the rest start anywhere)."""
     seed: int = 0
     """Seeds initialisation and every batch."""
     eval_every: int = 100
@@ -113,8 +118,21 @@ def open_tokens(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
-def sample_batch(tokens: np.ndarray, cfg: TrainLMConfig, step: int) -> torch.Tensor:
+def source_span(cfg: TrainLMConfig) -> tuple[int, int] | None:
+    """[start, end) of ``cfg.focus_source`` in the train token file, or None without a focus."""
+    if not (cfg.focus_source and cfg.focus_share > 0):
+        return None
+    meta_path = Path(cfg.train_tokens).parent / "meta.json"
+    sources = json.loads(meta_path.read_text())["splits"]["train"]["sources"]
+    if cfg.focus_source not in sources:
+        raise ValueError(f"focus_source {cfg.focus_source!r} is not in {meta_path}; sources: {', '.join(sources)}")
+    return sources[cfg.focus_source]["start"], sources[cfg.focus_source]["end"]
+
+
+def sample_batch(tokens: np.ndarray, cfg: TrainLMConfig, step: int, focus: tuple[int, int] | None = None) -> torch.Tensor:
     """The batch for ``step``: [batch_size, n_ctx] int64, each row BOS + text.
+
+    With ``focus`` (a [start, end) span of ``tokens``), a ``focus_share`` of rows start there.
 
     A ``repeat_share`` of rows repeat a chunk of their own text, and a further share
     (``random_repeat_share``, or ``copy_warmup_share`` early on) repeat a chunk of
@@ -142,6 +160,9 @@ def sample_batch(tokens: np.ndarray, cfg: TrainLMConfig, step: int) -> torch.Ten
         # first copy anywhere it leaves room for the second; the second anywhere after it
         firsts = (rng.random(B) * (body - 2 * lengths + 1)).astype(np.int64)
         seconds = firsts + lengths + (rng.random(B) * (body - 2 * lengths - firsts + 1)).astype(np.int64)
+    if focus is not None and cfg.focus_share > 0:  # drawn only then, so older configs keep their batches
+        in_focus = rng.random(B) < cfg.focus_share
+        starts[in_focus] = rng.integers(focus[0], focus[1] - body, size=int(in_focus.sum()))
     periodic = step < cfg.copy_warmup_steps and cfg.copy_warmup_period > 0
     if periodic:
         longest = min(cfg.copy_warmup_period, half)
@@ -299,6 +320,7 @@ class LMTrainer:
         checkpoints on the way and at the end. Returns the step reached."""
         train_tokens = open_tokens(self.cfg.train_tokens)
         val_tokens = open_tokens(self.cfg.val_tokens) if Path(self.cfg.val_tokens).exists() else None
+        focus = source_span(self.cfg)
         last_step = self.cfg.steps() if max_steps is None else min(self.cfg.steps(), self.step + max_steps)
         started = last_save = time.time()
         tokens_per_step = self.cfg.batch_size * self.cfg.model.n_ctx
@@ -307,7 +329,7 @@ class LMTrainer:
         self.model.train()
         while self.step < last_step:
             t0 = time.time()
-            loss = self.train_step(sample_batch(train_tokens, self.cfg, self.step))
+            loss = self.train_step(sample_batch(train_tokens, self.cfg, self.step, focus))
             record = {
                 "step": self.step,
                 "tokens": self.step * tokens_per_step,
