@@ -73,7 +73,8 @@ class TrainLMConfig:
     ``"half"`` (runs before this field existed): the chunk fills the first half and its copy
     the second, which a model can also predict by attending a fixed distance back."""
     min_repeat_len: int = 8
-    """Shortest repeated chunk in the ``"random"`` layout, in tokens."""
+    """Shortest repeated chunk in the ``"random"`` layout, and shortest period of the
+    periodic copy warm-up, in tokens."""
     focus_source: str = ""
     """A corpus source to over-sample (e.g. ``"stories"``); its span of the train file comes
     from the ``meta.json`` beside it."""
