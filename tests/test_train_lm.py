@@ -87,7 +87,11 @@ def test_random_layout_puts_copies_of_varied_length_at_varied_places(run_cfg, sh
 def test_configs_saved_before_the_layout_field_keep_their_batches(run_cfg):
     saved = run_cfg.to_dict()
     del saved["repeat_layout"], saved["min_repeat_len"]
-    assert TrainLMConfig.from_dict(saved).repeat_layout == "half"
+    old = TrainLMConfig.from_dict({**saved, "repeat_share": 1.0})
+    assert old.repeat_layout == "half"
+    batch = sample_batch(np.fromfile(run_cfg.train_tokens, dtype=np.uint16), old, 0)
+    half = (run_cfg.model.n_ctx - 1) // 2
+    assert torch.equal(batch[:, 1 : 1 + half], batch[:, 1 + half : 1 + 2 * half])
     with pytest.raises(ValueError, match="repeat_layout"):
         sample_batch(np.zeros(1000, dtype=np.uint16), dataclasses.replace(run_cfg, repeat_layout="middle"), 0)
 
