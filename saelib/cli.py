@@ -111,6 +111,8 @@ def _train_config(args):
         min_repeat_len=args.min_repeat_len,
         focus_source=args.focus_source or "",
         focus_share=args.focus_share,
+        device=args.device,
+        seed=args.seed,
     )
 
 
@@ -222,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--focus-source", help="corpus source to over-sample, e.g. stories")
             step.add_argument("--focus-share", type=float, default=0.0, help="share of rows drawn from --focus-source")
             step.add_argument("--init-from", help="start from these weights (checkpoint.pt or .safetensors)")
+            step.add_argument("--seed", type=int, default=0, help="seeds the initialisation and every batch")
+            step.add_argument("--device", default="cpu", help="cpu, or cuda to train on a GPU (minutes instead of hours)")
         if name in ("train", "export"):
             step.add_argument("--run-name", default="run", help="run folder under --build-dir")
     return parser

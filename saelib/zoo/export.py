@@ -67,7 +67,7 @@ def describe_stage(stage: dict) -> str:
     return (
         f"{stage['steps']} of {cfg.steps()} steps ({stage['tokens'] / 1e6:.1f}M tokens) of a "
         f"{cfg.total_tokens / 1e6:g}M-token cosine schedule, from {stage['start']} (run {stage['run']}); batch {cfg.batch_size} x {cfg.model.n_ctx}, "
-        f"peak lr {cfg.lr:g}, warm-up {cfg.warmup_steps} steps; rows: {mix}"
+        f"peak lr {cfg.lr:g}, warm-up {cfg.warmup_steps} steps; rows: {mix}; trained on {cfg.device}"
     )
 
 
