@@ -40,25 +40,15 @@ def test_token_files_hold_text_the_model_predicts(embedded, name, min_tokens):
     assert loss < 5.0, loss  # far below the uniform 9.0 nats
 
 
-# The shipped model misses the induction bar so far (data/MODEL_CARD.md). strict=True: once
-# a retrained model meets it this test XPASSes and fails, so the marker must then go.
-NOT_YET = pytest.mark.xfail(strict=True, reason="shipped model misses this quality bar; see data/MODEL_CARD.md")
-
-
-@NOT_YET
 def test_induction_on_repeated_random_tokens(embedded):
+    # the model card's bar (a model without induction heads scores ~0.97)
     result = induction_losses(embedded, seq_len=40, n_seqs=8)
     assert result.ratio <= 0.5, result
-
-
-def test_second_copy_of_random_tokens_is_predicted_better(embedded):
-    # the copying the model does have (a model without induction heads scores ~0.97)
-    result = induction_losses(embedded, seq_len=40, n_seqs=8)
-    assert result.ratio < 0.85, result
 
 
 def test_indirect_object_identification(embedded):
     names = model_single_token_names(embedded, json.loads((data_dir() / "name_pool.json").read_text())["names"])
     assert len(names) >= 20
-    diffs = ioi_logit_diffs(embedded, ioi_prompts(names, n_prompts=48, seed=7))
-    assert diffs.mean() > 1.0 and (diffs > 0).float().mean() > 0.7, diffs
+    # the model card's 200 prompts: the bar is >= 80% positive, so fewer prompts would make it coarse
+    diffs = ioi_logit_diffs(embedded, ioi_prompts(names, n_prompts=200, seed=0))
+    assert diffs.mean() >= 1.0 and (diffs > 0).float().mean() >= 0.8, diffs

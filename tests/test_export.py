@@ -51,3 +51,26 @@ def test_exported_model_loads_with_the_trained_logits(tmp_path, tiny_cfg, monkey
     assert training["steps"] == cfg.steps() + 1
     assert training["stage 1"].startswith(f"{cfg.steps()} of {cfg.steps()} steps") and "random initialisation" in training["stage 1"]
     assert training["stage 2"].startswith(f"1 of {cfg.steps()} steps") and "previous stage" in training["stage 2"]
+
+
+def test_readme_rebuild_command_is_how_the_shipped_model_was_trained():
+    """The `zoo train` command in README.md, parsed by the CLI, describes the same training as
+    data/training.json, so a user who runs it rebuilds the shipped model's recipe."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from saelib.cli import _train_config, build_parser
+    from saelib.paths import data_dir
+    from saelib.zoo.export import describe_stage
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    commands = [c.replace("\\\n", " ") for c in re.findall(r"python -m saelib zoo train(?:[^\n]*\\\n)*[^\n]*", readme)]
+    assert len(commands) == 1, commands
+    args = build_parser().parse_args(shlex.split(commands[0].split("#")[0])[3:])
+    cfg = _train_config(args)
+    steps = cfg.steps()
+    stage = {"cfg": cfg, "steps": steps, "tokens": steps * cfg.batch_size * cfg.model.n_ctx, "run": cfg.out_dir, "start": "random initialisation"}
+    training = json.loads((data_dir() / "training.json").read_text())
+    assert [k for k in training if k.startswith("stage")] == ["stage 1"]
+    assert describe_stage(stage) == training["stage 1"]
