@@ -24,3 +24,11 @@ def tiny_lean(tiny_cfg) -> LeanGPT:
 def tiny_model(tiny_lean, tiny_cfg):
     """A random-init HookedTransformer stand-in (not the embedded model)."""
     return to_hooked_transformer(tiny_lean.state_dict(), tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The shipped embedded model (loads offline in a few seconds)."""
+    from saelib.models import load_model
+
+    return load_model("embedded", device="cpu")

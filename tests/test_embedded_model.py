@@ -12,11 +12,6 @@ from saelib.paths import data_dir
 from saelib.zoo.probes import induction_losses, ioi_logit_diffs, ioi_prompts, model_single_token_names
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    return load_model("embedded", device="cpu")
-
-
 def test_loads_offline_with_its_tokenizer(embedded, monkeypatch):
     assert embedded.cfg.n_layers >= 4
     assert embedded.tokenizer.bos_token_id == 0

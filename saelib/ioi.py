@@ -1,0 +1,121 @@
+"""Indirect-object identification (IOI): counterfactual prompt pairs and feature patching.
+
+The experiment of Cunningham et al. 2023 (§5): take an IOI prompt ("... John gave a drink
+to" → Mary) and its counterfactual, where the subject's second mention is replaced by the
+indirect object ("... Mary gave a drink to" → John), so the two prompts differ in one token
+and the answer flips. At one hook, write the clean run's activation in some basis (an SAE's
+latents, PCA, neurons), then overwrite the coordinates of ``n`` directions with the
+counterfactual run's values. How many directions must be edited before the model's output
+matches the counterfactual? A dictionary whose directions are the model's own variables
+should need few; a dense basis needs many.
+
+Edits go through ``saelib.splice`` with the error term kept, so editing nothing gives the
+clean logits exactly, and in a complete basis (a signed-basis baseline with ``k = d_in``)
+editing every direction gives the counterfactual logits up to rounding.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .splice import spliced
+from .zoo.probes import IOIPrompt
+
+
+def counterfactual(prompt: IOIPrompt) -> IOIPrompt:
+    """``prompt`` with the subject's second mention replaced by the indirect object: the
+    other name becomes the answer, and only that one token changes."""
+    cut = prompt.text.rindex(" " + prompt.s)
+    text = prompt.text[:cut] + " " + prompt.io + prompt.text[cut + 1 + len(prompt.s) :]
+    return prompt._replace(text=text, io=prompt.s, s=prompt.io)
+
+
+class PairBatch(NamedTuple):
+    """Clean prompts and their counterfactuals of one token length."""
+
+    clean_BL: torch.Tensor
+    """Clean prompt tokens (BOS first)."""
+    counterfactual_BL: torch.Tensor
+    """Counterfactual tokens: ``clean_BL`` with one position changed per row."""
+    io_B: torch.Tensor
+    """Token of the clean prompt's answer (the indirect object)."""
+    s_B: torch.Tensor
+    """Token of the clean prompt's subject (the counterfactual's answer)."""
+
+
+def pair_batches(model, prompts: list[IOIPrompt]) -> list[PairBatch]:
+    """Tokenise each prompt and its counterfactual, grouped by length so they batch without padding."""
+    by_length: dict[int, list] = defaultdict(list)
+    for prompt in prompts:
+        clean, other = model.to_tokens(prompt.text)[0], model.to_tokens(counterfactual(prompt).text)[0]
+        if clean.shape != other.shape or int((clean != other).sum()) != 1:
+            raise ValueError(f"counterfactual of {prompt.text!r} does not differ in exactly one token: are the names single tokens?")
+        by_length[len(clean)].append((clean, other, model.to_single_token(" " + prompt.io), model.to_single_token(" " + prompt.s)))
+    return [
+        PairBatch(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), torch.tensor([r[2] for r in rows]), torch.tensor([r[3] for r in rows]))
+        for _, rows in sorted(by_length.items())
+    ]
+
+
+class PatchPoint(NamedTuple):
+    """The effect of editing ``n_edited`` directions per prompt, averaged over prompts."""
+
+    n_edited: int
+    """Directions overwritten with their counterfactual values (at every position but BOS)."""
+    kl: float
+    """KL(counterfactual output ‖ patched output) at the answer position, nats: 0 when the
+    edit reproduces the counterfactual."""
+    logit_diff: float
+    """logit(clean answer) − logit(counterfactual answer) after the edit: positive as long
+    as the model still answers the clean prompt."""
+    flipped: float
+    """Share of prompts where the counterfactual answer now wins (negative logit diff)."""
+
+
+def latent_groups(sae) -> torch.Tensor:
+    """[n_directions, m] latent indices that form one direction: each latent alone for an
+    SAE; the pair (+v, −v) for a signed-basis baseline (``saelib.baselines``), whose
+    coordinate along v lives in two latents."""
+    if sae.cfg.metadata.get("baseline"):
+        half = sae.cfg.d_sae // 2
+        return torch.stack([torch.arange(half), torch.arange(half, 2 * half)], dim=1)
+    return torch.arange(sae.cfg.d_sae)[:, None]
+
+
+@torch.no_grad()
+def patching_curve(model, sae, batches: list[PairBatch], n_edited: list[int]) -> list[PatchPoint]:
+    """Edit the ``n`` directions of ``sae`` (at its hook) whose coefficients differ most
+    between each clean prompt and its counterfactual (summed |difference| over positions),
+    for each ``n`` in ``n_edited``; measure how close the output comes to the counterfactual."""
+    hook = sae.cfg.hook_name
+    groups_GM = latent_groups(sae).to(sae.W_dec.device)
+    totals = {n: torch.zeros(3) for n in n_edited}
+    count = 0
+    for batch in batches:
+        target_BV = model(batch.counterfactual_BL)[:, -1].float()
+        with spliced(model, sae, with_error=True) as record:
+            model(batch.counterfactual_BL)
+            other_BLF = record[hook]
+            model(batch.clean_BL)
+            clean_BLF = record[hook]
+        change_BG = (other_BLF - clean_BLF)[:, 1:].abs().sum(1)[:, groups_GM].sum(-1)
+        order_BG = change_BG.argsort(dim=1, descending=True)
+        rows = torch.arange(len(target_BV))
+        for n in n_edited:
+            latents_BN = groups_GM[order_BG[:, :n]].flatten(1)
+
+            def edit(latents_BLF, hook_point, latents_BN=latents_BN):
+                index_BLN = latents_BN[:, None, :].expand(-1, latents_BLF.shape[1], -1)
+                return latents_BLF.scatter_(2, index_BLN, other_BLF.gather(2, index_BLN))
+
+            with spliced(model, sae, with_error=True, edit=edit):
+                patched_BV = model(batch.clean_BL)[:, -1].float()
+            kl_B = F.kl_div(F.log_softmax(patched_BV, -1), F.log_softmax(target_BV, -1), log_target=True, reduction="none").sum(-1)
+            diff_B = patched_BV[rows, batch.io_B] - patched_BV[rows, batch.s_B]
+            totals[n] += torch.stack([kl_B.sum(), diff_B.sum(), (diff_B < 0).float().sum()]).cpu()
+        count += len(target_BV)
+    return [PatchPoint(n, *(totals[n] / count).tolist()) for n in n_edited]
