@@ -171,6 +171,16 @@ class FeatureActivations:
         firing = int(self.offsets_F1[feature + 1] - self.offsets_F1[feature])
         return counts[0][1] / firing if counts else 0.0
 
+    def token_entropy(self, feature: int) -> float:
+        """Entropy (nats) of the tokens the feature fires on, each activation counted once:
+        0 for a single-token feature, log(n) for one spread evenly over n tokens."""
+        rows, _ = self.of(feature)
+        if len(rows) == 0:
+            return 0.0
+        _, counts = np.unique(self.store.tokens_of(rows), return_counts=True)
+        p = counts / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
     def share_in_contexts(self, feature: int, context_mask: np.ndarray) -> float:
         """Share of the feature's activations inside contexts where ``context_mask`` (bool,
         one per store context) is true: e.g. the share that falls in source code."""
@@ -183,7 +193,8 @@ class FeatureActivations:
     # -- all features --------------------------------------------------------------------
     def feature_table(self, tokenizer=None, n_tokens: int = 3, min_count: int = 1):
         """One row per latent that fired at least ``min_count`` times: density, log10
-        density, max and mean activation, top tokens and the top token's share."""
+        density, max and mean activation, top tokens, the top token's share and the
+        entropy of the tokens it fires on."""
         import pandas as pd
 
         counts = np.diff(self.offsets_F1)
@@ -200,6 +211,7 @@ class FeatureActivations:
                 "mean_activation": float(values.mean()),
                 "top_tokens": [decode_token(tokenizer, t) for t, _ in top] if tokenizer is not None else [t for t, _ in top],
                 "top_token_share": top[0][1] / counts[feature],
+                "token_entropy": self.token_entropy(feature),
             })
         return pd.DataFrame(rows)
 

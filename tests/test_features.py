@@ -107,3 +107,20 @@ def test_logit_effects_and_neighbours(tiny_model, sae):
     with torch.no_grad():
         sae.W_dec[5] = 2 * sae.W_dec[3]  # a parallel atom is the nearest neighbour, cosine 1
     assert decoder_neighbours(sae, 3, n=2)[0] == (5, pytest.approx(1.0, abs=1e-5))
+
+
+def test_token_entropy_is_zero_for_one_token_and_log_n_for_n_even_tokens(store, acts):
+    table = acts.feature_table()
+    for row in table.itertuples():
+        rows, _ = acts.of(row.feature)
+        _, counts = np.unique(store.tokens_of(rows), return_counts=True)
+        p = counts / counts.sum()
+        assert row.token_entropy == pytest.approx(-(p * np.log(p)).sum())
+        assert (row.token_entropy == 0) == (row.top_token_share == 1.0)
+    # a hand-made record: one latent on a single token, one spread evenly over four tokens
+    rows_by_token = {int(t): np.flatnonzero(store.tokens_of(np.arange(acts.n_rows)) == t) for t in np.unique(store.tokens_of(np.arange(acts.n_rows)))}
+    four = [r[0] for r in list(rows_by_token.values())[:4]]
+    one = list(rows_by_token.values())[0][:3]
+    made = FeatureActivations(np.array([*one, *sorted(four)]), np.ones(7, dtype=np.float32), np.array([0, 3, 7]), acts.n_rows, store)
+    assert made.token_entropy(0) == 0.0
+    assert made.token_entropy(1) == pytest.approx(np.log(4))

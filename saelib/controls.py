@@ -1,0 +1,65 @@
+"""Random-weight controls: is an SAE's interpretability a property of the model, or of the
+data and the SAE alone?
+
+Anthropic's "Towards Monosemanticity" and Heap et al. (2025) train the same SAEs on models
+whose weights are random. Such a model still sees real text, so its activations carry the
+current token's identity, and SAEs on it were reported to find many features that fire on
+one token. Whether that happens depends on how much of the activation is the current
+token and how much is context mixed in by random attention: ``token_variance_share``
+measures it, ``token_specificity`` summarises single-token features and token entropy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .models import randomize_weights
+
+TRAINED, RANDOM, RANDOM_REAL_EMBEDDINGS = "trained", "re-randomised", "re-randomised, trained embeddings"
+
+
+def control_models(model, seed: int = 0) -> dict:
+    """``{variant: model}``: the trained model, every weight re-randomised, and every weight
+    but the embeddings and unembedding re-randomised. Each variant gets its own
+    ``cfg.model_name``, so activation stores of different variants never share a folder."""
+    variants = {TRAINED: model}
+    for name, keep in ((RANDOM, False), (RANDOM_REAL_EMBEDDINGS, True)):
+        clone = randomize_weights(model, keep_embeddings=keep, seed=seed)
+        suffix = "random-embeddings" if keep else "random"
+        clone.cfg.model_name = f"{model.cfg.model_name}-{suffix}".replace("saelib-embedded", "embedded")
+        variants[name] = clone
+    return variants
+
+
+def token_variance_share(x_ND: torch.Tensor, tokens_N: np.ndarray) -> float:
+    """Share of the variance of activations ``x_ND`` explained by the identity of the
+    current token (``tokens_N``): 1 − (variance around each token's mean) / (total
+    variance). 1 when the activation is a function of the token alone; near 0 when the
+    token says nothing about it."""
+    x = x_ND.double()
+    _, group_N = np.unique(np.asarray(tokens_N), return_inverse=True)
+    group_N = torch.from_numpy(group_N.reshape(-1))
+    sums_TD = torch.zeros(int(group_N.max()) + 1, x.shape[1], dtype=torch.float64).index_add_(0, group_N, x)
+    means_TD = sums_TD / torch.bincount(group_N).double()[:, None]
+    within = ((x - means_TD[group_N]) ** 2).sum()
+    total = ((x - x.mean(0)) ** 2).sum()
+    return float(1 - within / total)
+
+
+def token_specificity(tables: dict[str, pd.DataFrame], single_token_share: float = 0.9) -> pd.DataFrame:
+    """One row per variant from its ``FeatureActivations.feature_table``: live features, the
+    share of them that are single-token (``top_token_share`` at least ``single_token_share``),
+    and the mean and median token entropy (nats) of its features."""
+    return pd.DataFrame(
+        {
+            name: {
+                "live_features": len(table),
+                "single_token_features": float((table.top_token_share >= single_token_share).mean()),
+                "mean_token_entropy": float(table.token_entropy.mean()),
+                "median_token_entropy": float(table.token_entropy.median()),
+            }
+            for name, table in tables.items()
+        }
+    ).T
