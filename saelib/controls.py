@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .harvest import model_label
 from .models import randomize_weights
 
 TRAINED, RANDOM, RANDOM_REAL_EMBEDDINGS = "trained", "re-randomised", "re-randomised, trained embeddings"
@@ -27,8 +28,7 @@ def control_models(model, seed: int = 0) -> dict:
     variants = {TRAINED: model}
     for name, keep in ((RANDOM, False), (RANDOM_REAL_EMBEDDINGS, True)):
         clone = randomize_weights(model, keep_embeddings=keep, seed=seed)
-        suffix = "random-embeddings" if keep else "random"
-        clone.cfg.model_name = f"{model.cfg.model_name}-{suffix}".replace("saelib-embedded", "embedded")
+        clone.cfg.model_name = f"{model_label(model)}-{'random-embeddings' if keep else 'random'}"
         variants[name] = clone
     return variants
 
