@@ -155,12 +155,14 @@ class FeatureActivations:
         acts_L[first:] = self.activation_at(feature, context_rows)
         return tokens_L, acts_L
 
+    def token_histogram(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, activation counts) of every token the feature fires on."""
+        rows, _ = self.of(feature)
+        return np.unique(self.store.tokens_of(rows), return_counts=True)
+
     def token_counts(self, feature: int, n: int = 10) -> list[tuple[int, int]]:
         """The ``n`` tokens the feature fires on most often: [(token id, count)]."""
-        rows, _ = self.of(feature)
-        if len(rows) == 0:
-            return []
-        ids, counts = np.unique(self.store.tokens_of(rows), return_counts=True)
+        ids, counts = self.token_histogram(feature)
         order = np.argsort(-counts, kind="stable")[:n]
         return [(int(ids[i]), int(counts[i])) for i in order]
 
@@ -174,10 +176,9 @@ class FeatureActivations:
     def token_entropy(self, feature: int) -> float:
         """Entropy (nats) of the tokens the feature fires on, each activation counted once:
         0 for a single-token feature, log(n) for one spread evenly over n tokens."""
-        rows, _ = self.of(feature)
-        if len(rows) == 0:
+        _, counts = self.token_histogram(feature)
+        if len(counts) == 0:
             return 0.0
-        _, counts = np.unique(self.store.tokens_of(rows), return_counts=True)
         p = counts / counts.sum()
         return float(-(p * np.log(p)).sum())
 

@@ -117,10 +117,11 @@ def test_token_entropy_is_zero_for_one_token_and_log_n_for_n_even_tokens(store, 
         p = counts / counts.sum()
         assert row.token_entropy == pytest.approx(-(p * np.log(p)).sum())
         assert (row.token_entropy == 0) == (row.top_token_share == 1.0)
-    # a hand-made record: one latent on a single token, one spread evenly over four tokens
-    rows_by_token = {int(t): np.flatnonzero(store.tokens_of(np.arange(acts.n_rows)) == t) for t in np.unique(store.tokens_of(np.arange(acts.n_rows)))}
-    four = [r[0] for r in list(rows_by_token.values())[:4]]
-    one = list(rows_by_token.values())[0][:3]
-    made = FeatureActivations(np.array([*one, *sorted(four)]), np.ones(7, dtype=np.float32), np.array([0, 3, 7]), acts.n_rows, store)
+    # a hand-made record: latent 0 on one token three times, latent 1 once on each of four tokens
+    tokens = store.tokens_of(np.arange(acts.n_rows))
+    first_rows = [int(np.flatnonzero(tokens == t)[0]) for t in np.unique(tokens)[:4]]
+    one = np.flatnonzero(tokens == 7)[:3]  # the store fixture puts token 7 in every context
+    assert len(one) == 3
+    made = FeatureActivations(np.array([*one, *sorted(first_rows)]), np.ones(7, dtype=np.float32), np.array([0, 3, 7]), acts.n_rows, store)
     assert made.token_entropy(0) == 0.0
     assert made.token_entropy(1) == pytest.approx(np.log(4))
