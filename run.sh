@@ -8,19 +8,28 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# SAELens is used by the tests only (interop with its folders and its evaluation). It pins
+# TransformerLens and torch in ways a CPU install cannot follow, so it goes in without its
+# dependencies; the two small ones it imports at load time are named here.
+SAELENS_PKGS=("sae-lens==6.54.12" "simple-parsing==0.1.9" "docstring-parser==0.18.0")
+
 ensure_env() {
   if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && python -c "import saelib, pytest, nbmake" 2>/dev/null; then
     PY=python
-    return
+  else
+    if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import saelib, pytest, nbmake" 2>/dev/null; then
+      echo "[saelib] creating .venv (one-off, a few minutes)"
+      python3 -m venv .venv
+      .venv/bin/python -m pip install -q --upgrade pip
+      .venv/bin/python -m pip install -q "torch==2.13.0"
+      .venv/bin/python -m pip install -q -e ".[dev]"
+    fi
+    PY=.venv/bin/python
   fi
-  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import saelib, pytest, nbmake" 2>/dev/null; then
-    echo "[saelib] creating .venv (one-off, a few minutes)"
-    python3 -m venv .venv
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q "torch==2.13.0"
-    .venv/bin/python -m pip install -q -e ".[dev]"
+  if [ "${1:-}" = with-saelens ] && ! "$PY" -c "import sae_lens" 2>/dev/null; then
+    echo "[saelib] installing ${SAELENS_PKGS[*]} (no dependencies) for the interop tests"
+    "$PY" -m pip install -q --no-deps "${SAELENS_PKGS[@]}"
   fi
-  PY=.venv/bin/python
 }
 
 cmd="${1:-}"
@@ -31,7 +40,7 @@ case "$cmd" in
     exec "$PY" -m saelib run-notebooks "$@"
     ;;
   test)
-    ensure_env
+    ensure_env with-saelens
     export SAELIB_PROFILE=smoke
     # No front end will answer widgets here: interactive views render their static form
     # (nbclient can stall on output drawn into ipywidgets.Output while a cell runs).

@@ -233,12 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .models import ModelNeedsNetworkError, UnknownHookError, UnknownModelError
+    from .sae_io import SAEFormatError
     from .store import StoreError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelNeedsNetworkError, UnknownModelError, UnknownHookError, StoreError, FileNotFoundError) as err:
+    except (ModelNeedsNetworkError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
+            FileNotFoundError) as err:
         # Errors that explain themselves: their message, without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -226,10 +226,38 @@ def decode_token(tokenizer, token_id: int) -> str:
 def logit_effects(sae, model, feature: int, n: int = 10):
     """How a feature's decoder direction moves the logits directly (through the unembedding,
     ignoring later layers): (all effects [d_vocab], top promoted ids, top suppressed ids).
-    The final LayerNorm's scale is left out, so only the ranking is meaningful."""
-    direction_D = sae.W_dec[feature].to(model.W_U.dtype)
-    effects_V = direction_D @ model.W_U
+    Directions at MLP neurons or attention head outputs go through the layer's output
+    weights first (``residual_direction``). The final LayerNorm's scale is left out, so
+    only the ranking is meaningful."""
+    direction_D = residual_direction(model, sae.cfg.hook_name, sae.W_dec[feature].detach())
+    effects_V = direction_D.to(model.W_U.dtype) @ model.W_U
     return effects_V.cpu(), effects_V.topk(n).indices.tolist(), (-effects_V).topk(n).indices.tolist()
+
+
+_RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
+
+
+def residual_direction(model, hook_name: str, direction_D: torch.Tensor) -> torch.Tensor:
+    """The residual-stream direction [d_model] that a direction at ``hook_name`` writes:
+    itself at residual-width hooks (resid, mlp_out, attn_out, embeddings), through
+    ``W_out`` at ``mlp.hook_post`` and through ``W_O`` at ``attn.hook_z``. Other hooks
+    (pre-activations, queries, keys, patterns) have no direct path to the logits: a clear
+    error, not a meaningless answer."""
+    from .models import hook_layer
+
+    layer = hook_layer(hook_name or "")
+    last = (hook_name or "").rsplit(".", 1)[-1]
+    if last in _RESIDUAL_HOOKS or hook_name in ("hook_embed", "hook_pos_embed"):
+        return direction_D
+    if layer is not None and hook_name.endswith("mlp.hook_post"):
+        return direction_D.to(model.blocks[layer].mlp.W_out.dtype) @ model.blocks[layer].mlp.W_out
+    if layer is not None and hook_name.endswith("attn.hook_z"):
+        W_O_HdD = model.blocks[layer].attn.W_O  # [n_heads, d_head, d_model]
+        return torch.einsum("hd,hdm->m", direction_D.reshape(W_O_HdD.shape[:2]).to(W_O_HdD.dtype), W_O_HdD)
+    raise ValueError(
+        f"logit effects need a hook that writes to the residual stream; {hook_name!r} does not "
+        "(use a resid, mlp_out, attn_out, mlp.hook_post or attn.hook_z SAE)"
+    )
 
 
 @torch.no_grad()

@@ -11,14 +11,11 @@ Training goes through ``train_forward``, which the sparse architectures implemen
 ``saelib.sparse_ops`` so that only the k active latents of each row cost anything past the
 encoder's matmul.
 
-Folders follow SAELens (``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc``,
-``b_enc``, ``W_dec``, ``b_dec`` and, for JumpReLU, ``threshold``), so SAELens loads ours
-and ``load_sae`` loads SAELens's standard, TopK and JumpReLU SAEs.
+Saving and loading SAELens folders lives in ``saelib.sae_io``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -27,10 +24,7 @@ import torch
 from torch import nn
 
 from .sparse_ops import SparseDecode, SparseEncode
-from .store import write_atomic
 
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
 ARCHITECTURES: dict[str, type["SparseAutoencoder"]] = {}
 
 
@@ -197,16 +191,10 @@ class SparseAutoencoder(nn.Module):
         return self.architecture
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``cfg.json`` and ``sae_weights.safetensors`` (atomically) to ``folder``."""
-        from safetensors.torch import save_file
+        """Write a SAELens folder (``saelib.sae_io.save_sae``) and return its path."""
+        from .sae_io import save_sae
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.weights_to_save().items()}
-        write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
-        cfg_text = json.dumps(saelens_cfg(self.cfg, self.saved_architecture()), indent=1)
-        write_atomic(folder / CFG_FILE, lambda tmp: tmp.write_text(cfg_text))
-        return folder
+        return save_sae(self, folder)
 
     def weights_to_save(self) -> dict[str, torch.Tensor]:
         return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
@@ -265,29 +253,56 @@ class TopKSAE(SparseAutoencoder):
 @register("batchtopk")
 class BatchTopKSAE(TopKSAE):
     """The ``k * batch`` largest pre-activations of the whole batch pass, so rows may use
-    more or fewer than k latents (Bussmann et al. 2024). For inference, which sees one row
-    at a time, a single threshold learned during training (a running mean of the smallest
-    value let through) turns it into a JumpReLU; it is saved as one."""
+    more or fewer than k latents (Bussmann et al. 2024). Inference sees one row at a time,
+    so training also learns one threshold: an exponential moving average (rate
+    ``threshold_lr``) of the smallest positive activation let through per batch, started
+    at the first batch's value, as in SAELens and dictionary_learning. Eval-mode
+    ``encode`` is then a JumpReLU with that threshold, and the SAE is saved as one."""
+
+    threshold_lr = 0.01
+    """EMA rate of the threshold (SAELens's default; dictionary_learning uses 0.001)."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_started", torch.zeros((), dtype=torch.bool))
 
     def activation(self, pre_BF):
         return pre_BF * (pre_BF > self.threshold)
 
     def select(self, pre_BF):
+        """(values_BK, indices_BK) of the batch's k * B largest pre-activations, laid out per
+        row (``width`` = the most any row has); slots a row does not use hold 0. Pure:
+        the threshold is updated by ``train_forward``."""
         flat = pre_BF.reshape(-1)
         n_keep = min(self.cfg.k * pre_BF.shape[0], flat.numel())
-        cutoff = flat.kthvalue(flat.numel() - n_keep + 1).values.clamp_min(0)
-        active_BF = pre_BF >= cutoff
-        width = max(1, int(active_BF.sum(-1).max()))
+        cutoff = flat.kthvalue(flat.numel() - n_keep + 1).values
+        width = max(1, int((pre_BF >= cutoff).sum(-1).max()))
         values_BK, indices_BK = pre_BF.topk(width, dim=-1)
-        if self.training:
-            self.threshold.lerp_(cutoff, 0.01 if self.threshold > 0 else 1.0)
-        # Rows using fewer than ``width`` latents get zeros in the extra slots: ReLU passes no
-        # gradient at 0, so those slots neither fire nor learn.
+        # ReLU passes no gradient at 0, so zeroed slots neither fire nor learn.
         return values_BK * (values_BK >= cutoff), indices_BK
+
+    @torch.no_grad()
+    def update_threshold_(self, kept_BK: torch.Tensor) -> None:
+        """Move the threshold towards the smallest positive value in ``kept_BK``."""
+        positive = kept_BK[kept_BK > 0]
+        if positive.numel() == 0:
+            return
+        smallest = positive.min().to(self.threshold.dtype)
+        if bool(self.threshold_started):
+            self.threshold.lerp_(smallest, self.threshold_lr)
+        else:
+            self.threshold.copy_(smallest)
+            self.threshold_started.fill_(True)
+
+    def train_forward(self, x_BD):
+        self._check_width(x_BD)
+        with torch.no_grad():
+            pre_BF = self.pre_acts(x_BD)
+            pre_BK, indices_BK = self.select(pre_BF)
+        if self.training:
+            self.update_threshold_(pre_BK)
+        return self._sparse_train_forward(x_BD, pre_BF, pre_BK, indices_BK)
 
     def saved_architecture(self) -> str:
         return "jumprelu"
@@ -377,66 +392,7 @@ def init_b_dec_(sae: SparseAutoencoder, sample_ND: torch.Tensor, method: str = "
         raise ValueError(f"b_dec init must be 'geometric_median', 'mean' or 'zeros', not {method!r}")
 
 
-# -- construction, save and load -------------------------------------------------------------
+# -- construction -------------------------------------------------------------
 def make_sae(cfg: SAEConfig) -> SparseAutoencoder:
     """A freshly initialised SAE of ``cfg.architecture``."""
     return ARCHITECTURES[cfg.architecture](cfg)
-
-
-_SAELENS_NAMES = {"relu": "standard"}
-_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "relu": "relu"}
-
-
-def saelens_cfg(cfg: SAEConfig, architecture: str) -> dict:
-    """``cfg.json`` contents in SAELens 6's layout (top-level shape, ``metadata`` dict)."""
-    out = {
-        "architecture": _SAELENS_NAMES.get(architecture, architecture),
-        "d_in": cfg.d_in,
-        "d_sae": cfg.d_sae,
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "reshape_activations": "none",
-        "metadata": {"model_name": cfg.model_name, "hook_name": cfg.hook_name, "saelib": cfg.metadata},
-    }
-    if architecture == "topk":
-        out["k"] = cfg.k
-    return out
-
-
-def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """An SAE from a SAELens-layout folder (ours or SAELens's)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / CFG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
-        raise FileNotFoundError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
-    raw = json.loads((folder / CFG_FILE).read_text())
-    meta = raw.get("metadata") or {}
-    name = raw.get("architecture", "standard")
-    if name not in _FROM_SAELENS:
-        raise ValueError(f"{folder}: SAE architecture {name!r} is not supported; supported: {', '.join(_FROM_SAELENS)}")
-    if not raw.get("apply_b_dec_to_input", True):
-        raise ValueError(f"{folder}: SAEs with apply_b_dec_to_input=false are not supported")
-    tensors = load_file(str(folder / WEIGHTS_FILE))
-    cfg = SAEConfig(
-        d_in=int(raw["d_in"]),
-        d_sae=int(raw["d_sae"]),
-        architecture=_FROM_SAELENS[name],
-        k=int(raw.get("k", 32)),
-        model_name=meta.get("model_name", raw.get("model_name", "")),
-        hook_name=meta.get("hook_name", raw.get("hook_name", "")),
-        metadata=meta.get("saelib", {}),
-    )
-    sae = make_sae(cfg)
-    missing = [n for n in sae.weights_to_save() if n not in tensors]
-    if missing:
-        raise ValueError(f"{folder / WEIGHTS_FILE} lacks {missing}")
-    with torch.no_grad():
-        for name_, tensor in sae.weights_to_save().items():
-            if tensors[name_].shape != tensor.shape:
-                raise ValueError(f"{folder}: {name_} has shape {tuple(tensors[name_].shape)}, cfg.json implies {tuple(tensor.shape)}")
-            tensor.copy_(tensors[name_].float())
-    return sae.to(device)
-

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from .files import sha256_file, write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -119,24 +120,6 @@ class StoreManifest:
         values = json.loads(text)
         values["shards"] = [ShardInfo(**s) for s in values.get("shards", [])]
         return cls(**values)
-
-
-def sha256_of(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, then rename over ``path``: readers see all of it or none.
-    The temporary name is unique to this process, so two processes never share one."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _save_npy(array: np.ndarray):
@@ -252,7 +235,7 @@ class ActivationStore:
         if index in self._verified:
             return
         info, path = self.manifest.shards[index], self._shard_path(index)
-        if sha256_of(path) != info.sha256:
+        if sha256_file(path) != info.sha256:
             raise CorruptShardError(f"shard {path} fails its sha256 check (altered or damaged); {self._fix_hint(index)}")
         self._verified.add(index)
 
@@ -495,7 +478,7 @@ class StoreWriter:
         index = len(self.manifest.shards)
         path = self.folder / f"shard_{index:05d}.npy"
         write_atomic(path, _save_npy(shard_ND.numpy()))
-        self.manifest.shards.append(ShardInfo(path.name, len(shard_ND), sha256_of(path)))
+        self.manifest.shards.append(ShardInfo(path.name, len(shard_ND), sha256_file(path)))
         total, total_norm, total_sq = _sums_of(shard_ND)
         self._sum += total
         self._sum_norm += total_norm

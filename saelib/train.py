@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from .sae import SAEConfig, SparseAutoencoder, init_b_dec_, init_from_data_, init_tied_, make_sae
 from .sparse_ops import SparseDecode, SparseEncode
-from .store import ActivationStore, write_atomic
+from .files import write_atomic
+from .store import ActivationStore
 
 STATE_FILE = "trainer_state.pt"
 # TrainConfig fields a resumed run may change: they do not alter the steps taken.
@@ -64,11 +65,20 @@ class TrainConfig:
     l1_warmup_steps: int = 0
     """Ramp the L1 coefficient linearly from 0 over these steps (fewer latents die early)."""
     aux_k: int | None = None
-    """Dead latents that reconstruct the error in the AuxK loss; None: d_in // 2; 0: no AuxK."""
+    """Dead latents that reconstruct the error in the AuxK loss; None: d_in // 2 (Gao et al.)
+    for TopK and BatchTopK, no AuxK for ReLU SAEs (as Cunningham et al. and Anthropic train
+    them); 0: no AuxK."""
     aux_coefficient: float = 1 / 32
     """Weight of the AuxK loss (Gao et al.)."""
-    dead_tokens: int = 10_000_000
-    """A latent that has not fired on this many consecutive tokens counts as dead."""
+    aux_relu: bool = False
+    """Pass the dead latents' AuxK pre-activations through a ReLU. True follows OpenAI's
+    sparse_autoencoder, EleutherAI's sparsify and dictionary_learning; False (default)
+    follows SAELens, which uses them unclipped: a latent negative on every token then still
+    gets a gradient back towards the data."""
+    dead_tokens: int | None = None
+    """A latent that has not fired on this many consecutive tokens counts as dead (and
+    joins AuxK). None: a tenth of ``total_tokens``, at most 10M (Gao et al.'s window, meant
+    for runs of billions of tokens; a short run with it would never see a dead latent)."""
     normalize_inputs: bool = True
     """Rescale inputs to mean squared norm d_in during training (folded back on export)."""
     b_dec_init: str = "geometric_median"
@@ -90,8 +100,15 @@ class TrainConfig:
     def steps(self) -> int:
         return max(1, self.total_tokens // self.batch_size)
 
-    def resolved_aux_k(self, d_in: int) -> int:
-        return d_in // 2 if self.aux_k is None else self.aux_k
+    def resolved_aux_k(self, d_in: int, architecture: str = "topk") -> int:
+        if self.aux_k is not None:
+            return self.aux_k
+        return 0 if architecture == "relu" else d_in // 2
+
+    def resolved_dead_tokens(self) -> int:
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return max(self.batch_size, min(10_000_000, self.total_tokens // 10))
 
 
 class TrainResult(NamedTuple):
@@ -127,15 +144,17 @@ def l1_coefficient(cfg: TrainConfig, step: int) -> float:
 
 
 def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, pre_BF: torch.Tensor, error_BD: torch.Tensor,
-             dead_F: torch.Tensor, aux_k: int) -> torch.Tensor:
+             dead_F: torch.Tensor, aux_k: int, relu: bool = False) -> torch.Tensor:
     """AuxK: the ``aux_k`` largest pre-activations among dead latents, decoded without
     b_dec, should reconstruct the main reconstruction's ``error_BD`` (detached). Only dead
     latents' encoder columns, biases and decoder rows receive gradient.
 
-    The pre-activations pass without a ReLU, as in the reference implementations: a dead
-    latent is usually negative on every token, and a ReLU would leave it no gradient to
-    come back with. Returns the normalised MSE, scaled down by ``n_dead / aux_k`` when
-    fewer latents than ``aux_k`` are dead (0 when none is)."""
+    ``relu=False`` passes the pre-activations unclipped (as SAELens does): a dead latent is
+    usually negative on every token, and a ReLU leaves it no gradient to come back with.
+    ``relu=True`` clips them (as OpenAI's sparse_autoencoder, sparsify and
+    dictionary_learning do), so only dead latents that are positive somewhere learn.
+    Returns the normalised MSE, scaled down by ``n_dead / aux_k`` when fewer latents than
+    ``aux_k`` are dead (0 when none is)."""
     n_dead = int(dead_F.sum())
     if n_dead == 0 or aux_k == 0:
         return x_BD.new_zeros(())
@@ -143,6 +162,8 @@ def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, pre_BF: torch.Tensor, e
         dead_pre_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
         pre_BK, indices_BK = dead_pre_BF.topk(min(aux_k, n_dead), dim=-1)
     values_BK = SparseEncode.apply(pre_BK, x_BD, sae.b_dec.detach(), sae.W_enc, sae.b_enc, indices_BK)
+    if relu:
+        values_BK = torch.relu(values_BK)
     aux_recon_BD = SparseDecode.apply(values_BK, indices_BK, sae.W_dec)
     target_BD = error_BD.detach()
     spread = (target_BD - target_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
@@ -254,8 +275,9 @@ class SAETrainer:
             l1_now = l1_coefficient(cfg, self.step)
             if l1_now > 0:
                 loss = loss + l1_now * out.l1_BF_sum / x_BD.norm(dim=-1).mean().clamp_min(1e-12)
-            dead_F = self.tokens_since_fired >= cfg.dead_tokens
-            aux = aux_loss(sae, x_BD, out.pre_BF, error_BD, dead_F, cfg.resolved_aux_k(sae.cfg.d_in))
+            dead_F = self.tokens_since_fired >= cfg.resolved_dead_tokens()
+            aux = aux_loss(sae, x_BD, out.pre_BF, error_BD, dead_F, cfg.resolved_aux_k(sae.cfg.d_in, sae.architecture),
+                           relu=cfg.aux_relu)
             if aux.requires_grad:
                 loss = loss + cfg.aux_coefficient * aux
             self.optimizer.zero_grad(set_to_none=True)
@@ -272,7 +294,7 @@ class SAETrainer:
             "l0": out.l0.item(),
             "l1": out.l1_BF_sum.item(),
             "aux_loss": aux.item(),
-            "dead_fraction": (self.tokens_since_fired >= cfg.dead_tokens).float().mean().item(),
+            "dead_fraction": (self.tokens_since_fired >= cfg.resolved_dead_tokens()).float().mean().item(),
             "lr": learning_rate(cfg, self.step - 1),
             "l1_coefficient": l1_now,
         }
@@ -354,7 +376,7 @@ class SAETrainer:
         return TrainResult(
             sae=self.export(),
             metrics=metrics,
-            dead_fraction=float((self.tokens_since_fired >= cfg.dead_tokens).float().mean()),
+            dead_fraction=float((self.tokens_since_fired >= cfg.resolved_dead_tokens()).float().mean()),
             tokens_per_s=(self.step - first_step) * cfg.batch_size / max(seconds, 1e-9),
             input_scale=self.input_scale or 1.0,
         )

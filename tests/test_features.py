@@ -125,3 +125,21 @@ def test_token_entropy_is_zero_for_one_token_and_log_n_for_n_even_tokens(store, 
     made = FeatureActivations(np.array([*one, *sorted(first_rows)]), np.ones(7, dtype=np.float32), np.array([0, 3, 7]), acts.n_rows, store)
     assert made.token_entropy(0) == 0.0
     assert made.token_entropy(1) == pytest.approx(np.log(4))
+
+
+def test_logit_effects_go_through_the_layer_output_weights(tiny_model):
+    """An MLP-neuron SAE's atom reaches the logits through W_out, a hook_z atom through W_O;
+    the old code multiplied d_mlp-wide atoms by W_U and failed with a shape error."""
+    from saelib.sae import SAEConfig, make_sae
+
+    cfg = tiny_model.cfg
+    mlp = make_sae(SAEConfig(d_in=cfg.d_mlp, d_sae=8, architecture="topk", k=2, hook_name="blocks.1.mlp.hook_post"))
+    effects, _, _ = logit_effects(mlp, tiny_model, 2)
+    torch.testing.assert_close(effects, (mlp.W_dec[2] @ tiny_model.blocks[1].mlp.W_out @ tiny_model.W_U).detach())
+    z = make_sae(SAEConfig(d_in=cfg.n_heads * cfg.d_head, d_sae=8, architecture="topk", k=2, hook_name="blocks.0.attn.hook_z"))
+    effects, _, _ = logit_effects(z, tiny_model, 1)
+    by_hand = (z.W_dec[1].reshape(cfg.n_heads, cfg.d_head)[:, :, None] * tiny_model.blocks[0].attn.W_O).sum((0, 1))
+    torch.testing.assert_close(effects, (by_hand @ tiny_model.W_U).detach(), rtol=1e-4, atol=1e-5)
+    q = make_sae(SAEConfig(d_in=cfg.d_model, d_sae=8, architecture="topk", k=2, hook_name="blocks.0.ln1.hook_normalized"))
+    with pytest.raises(ValueError, match="residual stream.*ln1.hook_normalized"):
+        logit_effects(q, tiny_model, 0)

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from saelib.sae import (
+    BatchTopKSAE,
     SAEConfig,
     ReluSAE,
     SparseAutoencoder,
     geometric_median,
     init_from_data_,
-    load_sae,
     make_sae,
 )
+from saelib.sae_io import load_sae
 from saelib.sparse_ops import SparseDecode, SparseEncode, scatter_outer
 
 D = 16
@@ -91,6 +92,51 @@ def test_sparse_topk_gradients_equal_dense_autograd():
     for name in dense:
         torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-4, msg=name)
     assert dense["W_enc"].abs().sum() > 0
+
+
+def dense_batchtopk_loss(sae, x):
+    """BatchTopK written with dense autograd only: the batch's k*B largest pre-activations
+    pass through a ReLU (SAELens's and dictionary_learning's definition)."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    flat = torch.relu(pre).flatten()
+    kept = flat.topk(sae.cfg.k * len(x)).indices
+    latents = torch.zeros_like(flat).scatter(0, kept, flat[kept]).reshape(pre.shape)
+    return (latents @ sae.W_dec + sae.b_dec - x).pow(2).sum(), latents
+
+
+def test_batchtopk_gradients_equal_dense_autograd():
+    torch.manual_seed(5)
+    sae = make_sae(SAEConfig(d_in=D, d_sae=96, architecture="batchtopk", k=6))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+    x = torch.randn(40, D) * torch.linspace(0.2, 2, 40)[:, None]
+    with torch.enable_grad():
+        sparse = grads_of(sae, (sae.train_forward(x).recon_BD - x).pow(2).sum())
+        dense_loss, _ = dense_batchtopk_loss(sae, x)
+        dense = grads_of(sae, dense_loss)
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_batchtopk_threshold_is_an_average_of_the_smallest_kept_activation():
+    torch.manual_seed(6)
+    sae = make_sae(SAEConfig(d_in=D, d_sae=64, architecture="batchtopk", k=4)).train()
+    batches = [torch.randn(128, D) for _ in range(3)]
+    expected = None
+    for x in batches:
+        with torch.no_grad():
+            _, latents = dense_batchtopk_loss(sae, x)
+        smallest = latents[latents > 0].min()
+        expected = smallest if expected is None else expected + BatchTopKSAE.threshold_lr * (smallest - expected)
+        before = sae.threshold.clone()
+        sae.select(sae.pre_acts(x))  # selecting alone changes nothing
+        assert torch.equal(sae.threshold, before)
+        sae.train_forward(x)
+        torch.testing.assert_close(sae.threshold, expected)
+    sae.eval()
+    sae.train_forward(batches[0])  # evaluation mode leaves it alone
+    torch.testing.assert_close(sae.threshold, expected)
 
 
 def test_scatter_outer_is_a_sum_of_outer_products():

@@ -140,7 +140,7 @@ def test_sweep_returns_one_row_per_grid_point():
 
 def test_cli_trains_and_saves_a_loadable_sae(tmp_path, capsys):
     from saelib.cli import main
-    from saelib.sae import load_sae
+    from saelib.sae_io import load_sae
 
     store = small_store(tmp_path / "store", TOY.sample(4000, torch.Generator().manual_seed(0))[0].numpy())
     args = [str(store.folder), str(tmp_path / "sae"), "--d-sae", "64", "--k", "4", "--tokens", "8000", "--batch-size", "500"]
@@ -149,3 +149,49 @@ def test_cli_trains_and_saves_a_loadable_sae(tmp_path, capsys):
     assert sae.cfg.k == 4 and sae.cfg.hook_name == "h" and "FVU" in capsys.readouterr().out
     assert main(["train", *args]) == 0  # finished checkpoint: resumes at the end, trains nothing
     assert main(["train", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2  # clear error, no traceback
+
+
+def test_default_dead_window_scales_with_the_run_so_short_runs_see_deaths():
+    """With a fixed 10M-token window a 2M-token run never counted a latent dead, so AuxK
+    never ran and the CLI printed 'dead 0.00%'."""
+    assert TrainConfig(total_tokens=2_000_000).resolved_dead_tokens() == 200_000
+    assert TrainConfig(total_tokens=10**10).resolved_dead_tokens() == 10_000_000
+    sae_cfg = SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4)
+    start = make_sae(sae_cfg)
+    with torch.no_grad():
+        start.W_enc[:, 32:] *= 0.01  # never in the top k: dead from the start
+    cfg = quick_cfg(total_tokens=100 * 512, dictionary_init="keep", b_dec_init="zeros", aux_k=0)
+    result = train_sae(start, toy_batches(100), cfg)
+    assert cfg.dead_tokens is None and result.dead_fraction >= 0.45
+    assert result.metrics.dead_fraction.iloc[-1] >= 0.45
+
+
+def test_relu_saes_get_no_auxk_unless_asked():
+    cfg = TrainConfig()
+    assert cfg.resolved_aux_k(24, "relu") == 0 and cfg.resolved_aux_k(24, "topk") == 12
+    assert TrainConfig(aux_k=5).resolved_aux_k(24, "relu") == 5
+    start = make_sae(SAEConfig(d_in=24, d_sae=64, architecture="relu"))
+    with torch.no_grad():
+        start.b_enc[32:] = -100.0  # half the latents can never fire
+    result = train_sae(start, toy_batches(40), quick_cfg(total_tokens=40 * 512, l1_coefficient=0.3, dead_tokens=1024,
+                                                         dictionary_init="keep", b_dec_init="zeros"))
+    assert result.dead_fraction >= 0.45 and (result.metrics.aux_loss == 0).all()
+
+
+def test_auxk_relu_option_leaves_latents_negative_everywhere_without_gradient():
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4))
+    with torch.no_grad():
+        sae.b_enc[32:] = -50.0  # negative on every row
+    x = torch.randn(128, 24)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[32:] = True
+    grads = {}
+    for relu in (False, True):
+        with torch.enable_grad():
+            out = sae.train_forward(x)
+            loss = aux_loss(sae, x, out.pre_BF, x - out.recon_BD, dead, aux_k=8, relu=relu)
+            sae.zero_grad()
+            loss.backward()
+        grads[relu] = sae.W_enc.grad[:, dead].abs().sum().item()
+    assert grads[False] > 0 and grads[True] == 0

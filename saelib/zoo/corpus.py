@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from ..files import sha256_file
 from . import stories as stories_module
 
 DEFAULT_ROOT = Path("build/zoo")
@@ -118,14 +119,6 @@ class CorpusError(RuntimeError):
 
 class ChecksumError(CorpusError):
     """A downloaded archive does not match its pinned sha256."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: Path, expected: str, what: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..paths import data_dir
-from .corpus import sha256_file
+from ..files import sha256_file
 from .train_lm import TrainLMConfig
 
 SAMPLE_FILE = "tokens_sample.npy"

@@ -23,7 +23,8 @@ from typing import Iterable
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .corpus import DEFAULT_ROOT, DEFAULT_STORIES_DOCS, build_corpus, iter_texts, load_manifest, sha256_file
+from ..files import sha256_file
+from .corpus import DEFAULT_ROOT, DEFAULT_STORIES_DOCS, build_corpus, iter_texts, load_manifest
 from .stories import FEMALE_POOL, MALE_POOL, NAME_POOL
 
 EOT = "<|endoftext|>"
