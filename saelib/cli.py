@@ -68,7 +68,7 @@ def _cmd_train(args) -> int:
     train_cfg = TrainConfig(total_tokens=args.tokens or len(store), batch_size=args.batch_size, lr=args.lr,
                             l1_coefficient=args.l1 if args.architecture == "relu" else 0.0,
                             aux_k=0 if args.no_auxk else None, seed=args.seed,
-                            out_dir=str(out / "checkpoint"))
+                            out_dir=str(out / "checkpoint"), restart_stale=args.restart_stale)
     if args.dead_tokens:
         train_cfg = dataclasses.replace(train_cfg, dead_tokens=args.dead_tokens)
     result = train_sae(sae_cfg, store, train_cfg, device=args.device, max_minutes=args.max_minutes)
@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-auxk", action="store_true", help="train TopK without the AuxK loss")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
+    tr.add_argument("--restart-stale", action="store_true",
+                    help="a checkpoint from other settings or another store is set aside and training starts afresh "
+                         "(default: refuse it)")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--threads", type=int, help="torch threads")
     tr.set_defaults(func=_cmd_train)
@@ -235,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelNeedsNetworkError, UnknownHookError, UnknownModelError
     from .sae_io import SAEFormatError
     from .store import StoreError
+    from .train import StaleCheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ModelNeedsNetworkError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
-            FileNotFoundError) as err:
+            StaleCheckpointError, FileNotFoundError) as err:
         # Errors that explain themselves: their message, without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,7 +19,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .paths import results_dir
+from .files import write_text_atomic
+from .paths import results_folder
 from .profile import Profile, profile
 
 
@@ -90,27 +91,28 @@ def setup(seed: int = 0, grad: bool = False, device: str | None = None) -> Noteb
     return NotebookContext(profile(), chosen, seed, in_colab(), in_ci())
 
 
-def save_results(notebook: str, results: dict) -> Path:
-    """Write a notebook's key numbers to ``results/<notebook>.json`` and return the path."""
-    out = results_dir() / f"{notebook}.json"
+def save_results(notebook: str, results: dict, headline: list[str] | None = None) -> Path:
+    """Write a notebook's key numbers to ``results/<profile>/<model>/<notebook>.json`` (model
+    from ``results["model"]``) atomically, and return the path. ``headline``: the few keys
+    (dotted for nested ones, e.g. ``main_sae.fvu``) the main job prints; default: every
+    top-level number and string."""
+    model = results.get("model")
+    out = results_folder(model) / f"{notebook}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"notebook": notebook, "profile": profile().name, **results}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    os.replace(tmp, out)
+    payload = {"notebook": notebook, "profile": profile().name, "model": model, **results}
+    if headline is not None:
+        payload["headline"] = list(headline)
+    write_text_atomic(out, json.dumps(payload, indent=2, default=float) + "\n")
     return out
 
 
-def load_results(notebook: str) -> dict:
-    """Key numbers an earlier notebook saved with ``save_results``; a clear error naming the
-    notebook to run first when they are missing or from another profile."""
-    path = results_dir() / f"{notebook}.json"
+def load_results(notebook: str, model: str | None) -> dict:
+    """Key numbers an earlier notebook saved with ``save_results`` for ``model`` in the active
+    profile; a clear error naming the notebook to run first when they are missing."""
+    path = results_folder(model) / f"{notebook}.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run notebooks/{notebook}.ipynb first (same SAELIB_PROFILE)")
-    results = json.loads(path.read_text())
-    if results.get("profile") != profile().name:
-        raise ValueError(
-            f"{path} comes from the {results.get('profile')!r} profile, this notebook runs {profile().name!r}: "
-            f"run notebooks/{notebook}.ipynb again with SAELIB_PROFILE={profile().name}"
+        raise FileNotFoundError(
+            f"{path} is missing: run notebooks/{notebook}.ipynb first with MODEL = {model!r} "
+            f"and SAELIB_PROFILE={profile().name}"
         )
-    return results
+    return json.loads(path.read_text())

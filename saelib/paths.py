@@ -25,8 +25,24 @@ def data_dir() -> Path:
 
 
 def results_dir() -> Path:
-    """Key numbers of each notebook as ``NN_name.json`` (``$SAELIB_RESULTS`` overrides)."""
+    """Root of the notebooks' key numbers (``$SAELIB_RESULTS`` overrides); each run's files
+    lie in ``results_folder(profile, model)`` below it."""
     return Path(os.environ.get("SAELIB_RESULTS") or project_root() / "results")
+
+
+def results_folder(model: str | None, profile: str | None = None) -> Path:
+    """``<results>/<profile>/<model>/``: one folder per run profile (default: the active one)
+    and model, so the smoke tests never replace the main job's numbers and a notebook run
+    on GPT-2 never replaces the embedded model's."""
+    return results_dir() / _profile_name(profile) / path_label(model)
+
+
+def path_label(model: str | None) -> str:
+    """A model name as one folder name: ``embedded``, ``pythia-70m-deduped``, a local
+    checkpoint folder's path with ``/`` turned into ``__``; ``no-model`` for None."""
+    if not model:
+        return "no-model"
+    return str(model).strip("/").replace("/", "__").replace("\\", "__")
 
 
 def artifacts_dir() -> Path:

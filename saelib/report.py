@@ -1,5 +1,6 @@
 """The main job: execute every notebook in order, export offline HTML reports, and
-collect each notebook's ``results/*.json`` into one summary table.
+collect each notebook's ``results/<profile>/<model>/*.json`` into a summary table (all
+numbers, ``reports/summary.csv``) and a headline table (a few per notebook, printed).
 
 Reports must open with no network, so every ``<script src="http...">`` and ES-module
 import from a URL that nbconvert's template adds (require.js, MathJax, mermaid,
@@ -17,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .paths import project_root, results_dir
+from .profile import profile
 
 _REMOTE_SCRIPT = re.compile(r"<script\b[^>]*\bsrc=[\"']https?://[^>]*>\s*</script>", re.IGNORECASE)
 _REMOTE_IMPORT = re.compile(r"""^\s*import\b[^;\n]*["']https?://[^"']+["'];?\s*$""", re.MULTILINE)
@@ -87,14 +89,42 @@ def run_notebook(path: Path, executed_dir: Path, report_dir: Path, timeout: int 
     return {"notebook": path.stem, "seconds": round(seconds, 1), "ok": error is None, "error": error}
 
 
-def summary_table(folder: str | Path | None = None) -> pd.DataFrame:
-    """One row per ``results/*.json``: the notebook's key numbers, nested dicts flattened to
+def _result_files(profile_name: str | None, folder: str | Path | None) -> list[Path]:
+    root = Path(folder) if folder else results_dir() / profile(profile_name).name
+    return sorted(root.glob("*/*.json"), key=lambda p: (p.name, p.parent.name))
+
+
+def summary_table(profile_name: str | None = None, folder: str | Path | None = None) -> pd.DataFrame:
+    """One row per notebook and model of one profile (default: the active one), read from
+    ``results/<profile>/<model>/*.json``: the key numbers, nested dicts flattened to
     ``a.b`` columns; lists (tables of runs, sweeps) stay in the JSON files."""
     rows = []
-    for path in sorted(Path(folder or results_dir()).glob("*.json")):
+    for path in _result_files(profile_name, folder):
         flat = pd.json_normalize(json.loads(path.read_text())).iloc[0].to_dict()
         rows.append({key: value for key, value in flat.items() if not isinstance(value, (list, dict))})
     return pd.DataFrame(rows)
+
+
+_NOT_HEADLINE = {"notebook", "profile", "model", "headline"}
+
+
+def headline_table(profile_name: str | None = None, folder: str | Path | None = None) -> pd.DataFrame:
+    """A long table (notebook, model, result, value) of each notebook's headline numbers:
+    the keys it named in ``save_results(headline=...)``, else its top-level numbers and
+    strings."""
+    rows = []
+    for path in _result_files(profile_name, folder):
+        results = json.loads(path.read_text())
+        flat = pd.json_normalize(results).iloc[0].to_dict()
+        keys = results.get("headline") or [k for k, v in results.items()
+                                           if k not in _NOT_HEADLINE and isinstance(v, (int, float, str, bool))]
+        for key in keys:
+            value = flat.get(key)
+            if isinstance(value, float):
+                value = round(value, 4)
+            rows.append({"notebook": results.get("notebook", path.stem), "model": results.get("model"),
+                         "result": key, "value": value})
+    return pd.DataFrame(rows, columns=["notebook", "model", "result", "value"])
 
 
 def run_all(
@@ -113,12 +143,15 @@ def run_all(
         print(f"[saelib]   {'ok' if run['ok'] else 'FAILED'} in {run['seconds']} s" + (f": {run['error']}" if run["error"] else ""), flush=True)
         runs.append(run)
     table = pd.DataFrame(runs)
-    summary = summary_table()
+    name = profile().name
     reports = out_dir / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     table.to_csv(reports / "runs.csv", index=False)
-    summary.to_csv(reports / "summary.csv", index=False)
+    summary_table(name).to_csv(reports / "summary.csv", index=False)
+    headlines = headline_table(name)
+    headlines.to_csv(reports / "headline.csv", index=False)
     print("\n[saelib] notebooks\n" + table.to_string(index=False))
-    if len(summary):
-        print("\n[saelib] key results (results/*.json)\n" + summary.to_string(index=False))
+    if len(headlines):
+        print(f"\n[saelib] headline results, profile {name} (all of them: reports/summary.csv, "
+              f"results/{name}/<model>/*.json)\n" + headlines.to_string(index=False))
     return table

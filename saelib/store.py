@@ -204,6 +204,15 @@ class ActivationStore:
         state = "complete" if m.complete else f"incomplete: {m.n_rows}/{m.expected_rows} rows"
         return f"ActivationStore({m.model} {m.hook}, d_in={m.d_in}, {m.n_rows} rows in {len(m.shards)} shards, {m.dtype}, {state})"
 
+    def fingerprint(self) -> dict:
+        """What identifies the data in this store: model (name and weights hash), hook, the
+        token windows' sha256, row count, BOS handling and dtype. Trainer checkpoints and
+        saved SAEs record it, so a run never resumes on, or stands in for, other data."""
+        m = self.manifest
+        return {"model": m.model, "model_fingerprint": m.model_fingerprint, "hook": m.hook,
+                "contexts_sha256": m.contexts_sha256, "n_rows": m.n_rows, "first_position": m.first_position,
+                "dtype": m.dtype}
+
     @property
     def mean(self) -> torch.Tensor:
         """Per-dimension mean of all rows: [d_in] float32."""

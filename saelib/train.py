@@ -42,7 +42,8 @@ from .store import ActivationStore
 
 STATE_FILE = "trainer_state.pt"
 # TrainConfig fields a resumed run may change: they do not alter the steps taken.
-_RESUME_FREE = {"out_dir", "progress", "log_every", "checkpoint_minutes"}
+_RESUME_FREE = {"out_dir", "progress", "log_every", "checkpoint_minutes", "restart_stale"}
+STALE_SUFFIX = ".stale"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -96,6 +97,11 @@ class TrainConfig:
     """Folder for checkpoints and ``metrics.jsonl``; empty: keep nothing on disk."""
     progress: bool = True
     """Show a tqdm bar."""
+    restart_stale: bool = False
+    """A checkpoint in ``out_dir`` from another SAE config, other training settings or
+    other data (``ActivationStore.fingerprint``): False refuses it, naming what differs;
+    True sets it aside (``trainer_state.pt.stale``, ``metrics.jsonl.stale``) and trains
+    afresh. Never resumed either way."""
 
     def steps(self) -> int:
         return max(1, self.total_tokens // self.batch_size)
@@ -124,6 +130,10 @@ class TrainResult(NamedTuple):
     """Training throughput of this call (resumed steps excluded)."""
     input_scale: float
     """Factor the inputs were multiplied by during training."""
+
+
+class StaleCheckpointError(ValueError):
+    """A checkpoint in ``out_dir`` belongs to another SAE, other settings or other data."""
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -171,6 +181,12 @@ def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, pre_BF: torch.Tensor, e
     return scale * (aux_recon_BD - target_BD).pow(2).sum(-1).mean() / spread
 
 
+def data_fingerprint(source) -> dict | None:
+    """The identity of a data source: ``ActivationStore.fingerprint()`` for a store, None for
+    other sources (in-memory batches carry no identity to check)."""
+    return source.fingerprint() if isinstance(source, ActivationStore) else None
+
+
 def _batches(source, cfg: TrainConfig) -> Iterator[torch.Tensor]:
     if isinstance(source, ActivationStore):
         epochs = math.ceil(cfg.total_tokens / max(1, len(source))) + 1
@@ -183,7 +199,10 @@ def _batches(source, cfg: TrainConfig) -> Iterator[torch.Tensor]:
 class SAETrainer:
     """Owns one run: the SAE (in normalised-input space), optimiser, step, dead counters."""
 
-    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, device: str | torch.device = "cpu"):
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, device: str | torch.device = "cpu",
+                 data: dict | None = None):
+        """``data``: the identity of the data it trains on (``data_fingerprint(source)``),
+        recorded in checkpoints and the exported SAE; a checkpoint of other data is stale."""
         if not sae.trains:
             raise ValueError(f"{sae.architecture} SAEs are inference-only here; train topk, batchtopk or relu")
         self.sae = sae.to(device)
@@ -193,6 +212,7 @@ class SAETrainer:
         self.step = 0
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=self.device)
         self.input_scale: float | None = None
+        self.data = data
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         if self.out_dir is not None and (self.out_dir / STATE_FILE).exists():
             self._load_state()
@@ -207,6 +227,7 @@ class SAETrainer:
             "tokens_since_fired": self.tokens_since_fired.cpu(),
             "input_scale": self.input_scale,
             "train_cfg": dataclasses.asdict(self.cfg),
+            "data": json.dumps(self.data, sort_keys=True),
         }
 
     def save_checkpoint(self) -> None:
@@ -219,17 +240,16 @@ class SAETrainer:
     def _load_state(self) -> None:
         path = self.out_dir / STATE_FILE
         state = torch.load(path, weights_only=True, map_location=self.device)
-        if state["sae_cfg"] != dataclasses.asdict(self.sae.cfg):
-            raise ValueError(
-                f"checkpoint {path} belongs to SAE {state['sae_cfg']}, not {dataclasses.asdict(self.sae.cfg)}: "
-                "use another out_dir or the same SAE config"
-            )
-        saved, now = state["train_cfg"], dataclasses.asdict(self.cfg)
-        differing = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k])
-        if differing:
-            raise ValueError(
-                f"checkpoint {path} was trained with other settings ({', '.join(f'{k}={saved.get(k)!r}' for k in differing)}; "
-                f"now {', '.join(f'{k}={now[k]!r}' for k in differing)}): use another out_dir, or the same settings to resume"
+        stale = self._stale_reasons(state)
+        if stale and self.cfg.restart_stale:
+            for name in (STATE_FILE, METRICS_FILE):
+                if (self.out_dir / name).exists():
+                    (self.out_dir / name).replace(self.out_dir / (name + STALE_SUFFIX))
+            return
+        if stale:
+            raise StaleCheckpointError(
+                f"checkpoint {path} was trained {'; '.join(stale)}: use another out_dir, the same settings "
+                "and data to resume, or restart_stale=True to set it aside and train afresh"
             )
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -240,6 +260,24 @@ class SAETrainer:
         if log.exists():  # rows past the checkpoint will be logged again
             rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
             log.write_text("".join(r + "\n" for r in rows))
+
+    def _stale_reasons(self, state: dict) -> list[str]:
+        """What differs between a checkpoint and this run (empty: it may be resumed)."""
+        reasons = []
+        if state["sae_cfg"] != dataclasses.asdict(self.sae.cfg):
+            reasons.append(f"for SAE {state['sae_cfg']}, not {dataclasses.asdict(self.sae.cfg)}")
+        saved, now = state["train_cfg"], dataclasses.asdict(self.cfg)
+        differing = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k])
+        if differing:
+            reasons.append(f"with other settings ({', '.join(f'{k}={saved.get(k)!r}' for k in differing)}; "
+                           f"now {', '.join(f'{k}={now[k]!r}' for k in differing)})")
+        saved_data = json.loads(state.get("data") or "null")
+        if saved_data != self.data:
+            fields = sorted(k for k in set(saved_data or {}) | set(self.data or {})
+                            if (saved_data or {}).get(k) != (self.data or {}).get(k))
+            reasons.append(f"on other data (differs in {', '.join(fields) or 'its source'}: "
+                           f"{ {k: (saved_data or {}).get(k) for k in fields} } now { {k: (self.data or {}).get(k) for k in fields} })")
+        return reasons
 
     # -- set-up from the first batch ---------------------------------------------------------------
     @torch.no_grad()
@@ -387,7 +425,8 @@ class SAETrainer:
         sae.fold_input_scale_(self.input_scale or 1.0)
         sae.cfg = dataclasses.replace(
             sae.cfg, metadata={**sae.cfg.metadata, "trained_tokens": self.step * self.cfg.batch_size,
-                               "input_scale": self.input_scale or 1.0}
+                               "input_scale": self.input_scale or 1.0,
+                               **({"data": self.data} if self.data is not None else {})}
         )
         return sae
 
@@ -399,7 +438,7 @@ def train_sae(sae: SparseAutoencoder | SAEConfig, source, cfg: TrainConfig, devi
     the keyword arguments are those of ``SAETrainer.fit``."""
     if isinstance(sae, SAEConfig):
         sae = make_sae(sae)
-    return SAETrainer(sae, cfg, device).fit(source, max_steps=max_steps, max_minutes=max_minutes,
+    return SAETrainer(sae, cfg, device, data=data_fingerprint(source)).fit(source, max_steps=max_steps, max_minutes=max_minutes,
                                             extra_metrics=extra_metrics)
 
 

@@ -12,7 +12,24 @@ from saelib.paths import data_dir
 from saelib.zoo.probes import induction_losses, ioi_logit_diffs, ioi_prompts, model_single_token_names
 
 
-def test_loads_offline_with_its_tokenizer(embedded, monkeypatch):
+def test_loads_with_the_network_blocked(monkeypatch):
+    """Every socket connection and name look-up fails: loading must not need either."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(OSError, match="blocked"):  # the block holds
+        socket.create_connection(("127.0.0.1", 9))
+    model = load_model("embedded", device="cpu")
+    assert model.to_string(model.to_tokens("Call me Ishmael.")[0, 1:]) == "Call me Ishmael."
+
+
+def test_loads_with_its_tokenizer(embedded):
     assert embedded.cfg.n_layers >= 4
     assert embedded.tokenizer.bos_token_id == 0
     tokens = embedded.to_tokens("Call me Ishmael.")

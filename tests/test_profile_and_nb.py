@@ -44,17 +44,22 @@ def test_setup_seeds_disables_grad_and_goes_offline(monkeypatch):
 def test_save_results_writes_json(monkeypatch, tmp_path):
     monkeypatch.setenv("SAELIB_RESULTS", str(tmp_path))
     monkeypatch.setenv("SAELIB_PROFILE", "smoke")
-    path = nb.save_results("99_demo", {"fvu": 0.25})
-    assert json.loads(path.read_text()) == {"notebook": "99_demo", "profile": "smoke", "fvu": 0.25}
+    path = nb.save_results("99_demo", {"model": "embedded", "fvu": 0.25})
+    assert path == tmp_path / "smoke" / "embedded" / "99_demo.json"
+    assert json.loads(path.read_text()) == {"notebook": "99_demo", "profile": "smoke", "model": "embedded", "fvu": 0.25}
 
 
-def test_load_results_round_trips_and_names_the_notebook_to_run(monkeypatch, tmp_path):
+def test_results_of_one_profile_or_model_never_replace_another(monkeypatch, tmp_path):
+    """One results file per notebook served every profile: the smoke tests overwrote the
+    main job's numbers, and a notebook alone in one profile refused the other's file."""
     monkeypatch.setenv("SAELIB_RESULTS", str(tmp_path))
-    monkeypatch.setenv("SAELIB_PROFILE", "smoke")
-    with pytest.raises(FileNotFoundError, match="run notebooks/98_demo.ipynb first"):
-        nb.load_results("98_demo")
-    nb.save_results("98_demo", {"main_sae": "x"})
-    assert nb.load_results("98_demo")["main_sae"] == "x"
+    for name, model, value in [("default", "embedded", 1), ("smoke", "embedded", 2), ("default", "gpt2", 3)]:
+        monkeypatch.setenv("SAELIB_PROFILE", name)
+        nb.save_results("98_demo", {"model": model, "main_sae": value})
     monkeypatch.setenv("SAELIB_PROFILE", "default")
-    with pytest.raises(ValueError, match="SAELIB_PROFILE=default"):
-        nb.load_results("98_demo")
+    assert nb.load_results("98_demo", "embedded")["main_sae"] == 1
+    assert nb.load_results("98_demo", "gpt2")["main_sae"] == 3
+    monkeypatch.setenv("SAELIB_PROFILE", "smoke")
+    assert nb.load_results("98_demo", "embedded")["main_sae"] == 2
+    with pytest.raises(FileNotFoundError, match="run notebooks/98_demo.ipynb first with MODEL = 'gpt2' and SAELIB_PROFILE=smoke"):
+        nb.load_results("98_demo", "gpt2")

@@ -65,12 +65,20 @@ def test_quickstart_report_opens_offline(tmp_path, monkeypatch):
     html = (tmp_path / "reports" / f"{quickstart.stem}.html").read_text()
     assert report.remote_resources(html) == []
     assert "00 · Quickstart" in html and "Plotly.newPlot" in html
-    assert (tmp_path / "results" / "00_quickstart.json").exists()
+    assert (tmp_path / "results" / "smoke" / "embedded" / "00_quickstart.json").exists()
 
 
 def test_summary_table_keeps_scalars_and_flattens_dicts(tmp_path):
-    (tmp_path / "01_a.json").write_text(json.dumps({"notebook": "01_a", "fvu": 0.5, "runs": [{"x": 1}], "main": {"l0": 32}}))
-    (tmp_path / "02_b.json").write_text(json.dumps({"notebook": "02_b", "ce": 0.9}))
-    table = report.summary_table(tmp_path)
+    (tmp_path / "default" / "embedded").mkdir(parents=True)
+    (tmp_path / "smoke" / "embedded").mkdir(parents=True)
+    (tmp_path / "default" / "embedded" / "01_a.json").write_text(
+        json.dumps({"notebook": "01_a", "fvu": 0.5, "runs": [{"x": 1}], "main": {"l0": 32}}))
+    (tmp_path / "default" / "embedded" / "02_b.json").write_text(
+        json.dumps({"notebook": "02_b", "ce": 0.9, "main": {"l0": 8, "fvu": 0.1}, "headline": ["main.fvu"]}))
+    (tmp_path / "smoke" / "embedded" / "01_a.json").write_text(json.dumps({"notebook": "01_a", "fvu": 0.9}))
+    table = report.summary_table(folder=tmp_path / "default")
     assert list(table.notebook) == ["01_a", "02_b"]
-    assert set(table.columns) == {"notebook", "fvu", "main.l0", "ce"} and table.loc[0, "main.l0"] == 32
+    assert set(table.columns) == {"notebook", "fvu", "main.l0", "main.fvu", "ce"} and table.loc[0, "main.l0"] == 32
+    # The printed table: a few rows per notebook, named keys where the notebook chose them.
+    headlines = report.headline_table(folder=tmp_path / "default")
+    assert headlines[["notebook", "result", "value"]].values.tolist() == [["01_a", "fvu", 0.5], ["02_b", "main.fvu", 0.1]]

@@ -69,7 +69,7 @@ def test_resume_equals_uninterrupted_training(tmp_path):
 def test_checkpoint_of_another_sae_is_refused(tmp_path):
     cfg = quick_cfg(total_tokens=2 * 512, out_dir=str(tmp_path))
     train_sae(SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4), toy_batches(2), cfg)
-    with pytest.raises(ValueError, match="belongs to SAE"):
+    with pytest.raises(ValueError, match="for SAE"):
         SAETrainer(make_sae(SAEConfig(d_in=24, d_sae=32, architecture="topk", k=4)), cfg)
     # Same SAE, another schedule (a smoke run's checkpoint met by a real run): refused too.
     with pytest.raises(ValueError, match="other settings.*total_tokens=1024"):
@@ -101,11 +101,12 @@ def test_auxk_revives_latents_that_plain_topk_leaves_dead():
     assert with_aux.metrics.fvu.iloc[-1] < plain.metrics.fvu.iloc[-1]
 
 
-def small_store(folder, rows):
-    """A store of ``rows`` [4000, d] written as a harvest would (40 contexts of 100 rows)."""
+def small_store(folder, rows, token=0):
+    """A store of ``rows`` [4000, d] written as a harvest would (40 contexts of 100 rows,
+    every token ``token``)."""
     manifest = StoreManifest(model="toy", model_fingerprint="0", hook="h", d_in=rows.shape[1], dtype="float32",
                              shard_rows=1000, context_len=101, n_contexts=40, first_position=1, contexts_sha256="")
-    writer = StoreWriter(folder, manifest, np.zeros((40, 101), dtype=np.int32))
+    writer = StoreWriter(folder, manifest, np.full((40, 101), token, dtype=np.int32))
     writer.append(torch.from_numpy(rows))
     return writer.close()
 
@@ -195,3 +196,22 @@ def test_auxk_relu_option_leaves_latents_negative_everywhere_without_gradient():
             loss.backward()
         grads[relu] = sae.W_enc.grad[:, dead].abs().sum().item()
     assert grads[False] > 0 and grads[True] == 0
+
+
+def test_a_finished_run_on_other_data_is_not_handed_back_untrained(tmp_path):
+    """Run folders were reused when only the data changed: the old SAE came back untrained
+    on the new store. Now the checkpoint is refused (data fields named) or set aside."""
+    rows = TOY.sample(4000, torch.Generator().manual_seed(0))[0].numpy()
+    first = small_store(tmp_path / "a", rows)
+    other = small_store(tmp_path / "b", rows * 2, token=5)  # other tokens, other activations
+    sae_cfg = SAEConfig(d_in=24, d_sae=32, architecture="topk", k=4)
+    cfg = quick_cfg(total_tokens=4000, batch_size=500, out_dir=str(tmp_path / "run"))
+    old = train_sae(sae_cfg, first, cfg)
+    assert old.sae.cfg.metadata["data"] == first.fingerprint()
+    assert train_sae(sae_cfg, first, cfg).tokens_per_s == 0  # same data: resumed at the end
+    with pytest.raises(ValueError, match="other data.*contexts_sha256"):
+        train_sae(sae_cfg, other, cfg)
+    fresh = train_sae(sae_cfg, other, dataclasses.replace(cfg, restart_stale=True))
+    assert fresh.tokens_per_s > 0 and fresh.sae.cfg.metadata["data"] == other.fingerprint()
+    assert (tmp_path / "run" / "trainer_state.pt.stale").exists()  # the old run is set aside, not lost
+    assert not torch.equal(fresh.sae.W_dec, old.sae.W_dec)
