@@ -5,7 +5,7 @@ with the ``2·d_in`` atoms ``+v`` and ``−v`` and a tied encoder. Its latents a
 positive parts of the coordinates ``(x − centre) · v``, and TopK keeps the ``k`` coordinates
 of largest magnitude: the best ``k``-sparse reconstruction in that basis. So a baseline is
 compared with an SAE at exactly the same L0, and every tool that takes an SAE (metrics,
-splicing, dashboards, autointerp, IOI patching) takes a baseline unchanged. With
+splicing, dashboards, IOI patching) takes a baseline unchanged. With
 ``k = d_in`` the reconstruction is exact.
 """
 

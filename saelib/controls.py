@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from .harvest import model_label
+from .metrics import variance_per_vector
 from .models import randomize_weights
 
 TRAINED, RANDOM, RANDOM_REAL_EMBEDDINGS = "trained", "re-randomised", "re-randomised, trained embeddings"
@@ -43,9 +44,8 @@ def token_variance_share(x_ND: torch.Tensor, tokens_N: np.ndarray) -> float:
     group_N = torch.from_numpy(group_N.reshape(-1))
     sums_TD = torch.zeros(int(group_N.max()) + 1, x.shape[1], dtype=torch.float64).index_add_(0, group_N, x)
     means_TD = sums_TD / torch.bincount(group_N).double()[:, None]
-    within = ((x - means_TD[group_N]) ** 2).sum()
-    total = ((x - x.mean(0)) ** 2).sum()
-    return float(1 - within / total)
+    within = (x - means_TD[group_N]).pow(2).sum(-1).mean()
+    return float(1 - within / variance_per_vector(x))
 
 
 def token_specificity(tables: dict[str, pd.DataFrame], single_token_share: float = 0.9) -> pd.DataFrame:

@@ -29,11 +29,17 @@ def mse(x_ND: torch.Tensor, recon_ND: torch.Tensor) -> float:
     return float((recon_ND.double() - x_ND.double()).pow(2).sum(-1).mean())
 
 
+def variance_per_vector(x_ND: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of the rows from their mean (a 0-dim tensor, keeps dtype and
+    autograd): the denominator of every FVU in saelib, so all of them mean the same."""
+    return (x_ND - x_ND.mean(0)).pow(2).sum(-1).mean()
+
+
 def fvu(x_ND: torch.Tensor, recon_ND: torch.Tensor) -> float:
     """Fraction of variance unexplained: squared error over the inputs' total variance
     around their mean (0: perfect; 1: no better than predicting the mean)."""
     x = x_ND.double()
-    return float((recon_ND.double() - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30))
+    return float((recon_ND.double() - x).pow(2).sum(-1).mean() / variance_per_vector(x).clamp_min(1e-30))
 
 
 def cosine_similarity(x_ND: torch.Tensor, recon_ND: torch.Tensor) -> float:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from .sae import SAEConfig, SparseAutoencoder, init_b_dec_, init_from_data_, init_tied_, make_sae
 from .sparse_ops import SparseDecode, SparseEncode
 from .files import write_atomic
+from .metrics import variance_per_vector
 from .store import ActivationStore
 
 STATE_FILE = "trainer_state.pt"
@@ -176,7 +177,7 @@ def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, pre_BF: torch.Tensor, e
         values_BK = torch.relu(values_BK)
     aux_recon_BD = SparseDecode.apply(values_BK, indices_BK, sae.W_dec)
     target_BD = error_BD.detach()
-    spread = (target_BD - target_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    spread = variance_per_vector(target_BD).clamp_min(1e-12)
     scale = min(1.0, n_dead / aux_k)
     return scale * (aux_recon_BD - target_BD).pow(2).sum(-1).mean() / spread
 
@@ -307,7 +308,7 @@ class SAETrainer:
         with torch.enable_grad():
             out = sae.train_forward(x_BD)
             error_BD = x_BD - out.recon_BD
-            spread = (x_BD - x_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            spread = variance_per_vector(x_BD).clamp_min(1e-12)
             fvu = error_BD.pow(2).sum(-1).mean() / spread
             loss = fvu
             l1_now = l1_coefficient(cfg, self.step)
