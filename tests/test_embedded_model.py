@@ -9,7 +9,8 @@ import torch
 
 from saelib.models import load_model
 from saelib.paths import data_dir
-from saelib.zoo.probes import induction_losses, ioi_logit_diffs, ioi_prompts, model_single_token_names
+from saelib.ioi import ioi_logit_diffs, ioi_prompts, model_single_token_names
+from saelib.zoo.probes import induction_losses
 
 
 def test_loads_with_the_network_blocked(monkeypatch):

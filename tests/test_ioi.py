@@ -3,10 +3,9 @@ import json
 import torch
 
 from saelib.baselines import random_basis, signed_basis_sae
-from saelib.ioi import counterfactual, latent_groups, pair_batches, patching_curve
+from saelib.ioi import counterfactual, ioi_prompts, latent_groups, model_single_token_names, pair_batches, patching_curve
 from saelib.paths import data_dir
 from saelib.sae import SAEConfig, make_sae
-from saelib.zoo.probes import ioi_prompts, model_single_token_names
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from saelib.zoo.ioi_templates import IOI_EVAL_TEMPLATES
-from saelib.zoo.probes import induction_losses, ioi_prompts
+from saelib.ioi import ioi_prompts
+from saelib.zoo.probes import induction_losses
 from saelib.zoo.quality import ngram_counts, ngram_losses, passes
 
 

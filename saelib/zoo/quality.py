@@ -17,7 +17,8 @@ import torch
 
 from ..paths import data_dir
 from .ioi_templates import IOI_EVAL_TEMPLATES
-from .probes import induction_losses, ioi_logit_diffs, ioi_prompts, model_single_token_names
+from ..ioi import ioi_logit_diffs, ioi_prompts, model_single_token_names
+from .probes import induction_losses
 
 BARS = {"bigram_margin_nats": 0.5, "induction_ratio": 0.5, "ioi_logit_diff": 1.0, "ioi_positive": 0.8}
 
