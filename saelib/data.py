@@ -26,6 +26,16 @@ def embedded_windows(split: str = "train") -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+def special_token_ids(model) -> list[int]:
+    """The ids of the model's special tokens (BOS, end-of-text, padding...), sorted; empty
+    without a tokenizer. Mid-sequence ones mark document boundaries and behave like BOS:
+    activations there are several times the typical norm."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return []
+    return sorted({int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None})
+
+
 def _uses_embedded_tokenizer(model) -> bool:
     return model.cfg.model_name == "saelib-embedded" or model.cfg.original_architecture == "saelib-embedded"
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data import special_token_ids
 from .models import check_hook_name, hook_layer, model_fingerprint
 from .paths import artifacts_dir
 from .store import ActivationStore, StoreManifest, StoreWriter
@@ -137,6 +138,7 @@ def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str 
             n_contexts=n_contexts,
             first_position=first_position,
             contexts_sha256="",
+            special_token_ids=special_token_ids(model),
         )
         writers[hook] = StoreWriter(store_folder(root, hook), manifest, tokens_NL.numpy(), overwrite=cfg.overwrite)
 

@@ -105,21 +105,29 @@ class ReconstructionMetrics(NamedTuple):
 
 @torch.no_grad()
 def reconstruction_metrics(sae, store, n_rows: int | None = None, batch_size: int = 8192,
-                           dense_threshold: float = 0.1) -> ReconstructionMetrics:
+                           dense_threshold: float = 0.1, skip_special: bool = True) -> ReconstructionMetrics:
     """Run ``sae`` over the first ``n_rows`` rows (all by default) of an ``ActivationStore``
     (or any [N, d_in] tensor), in order, accumulating every metric exactly as if computed
-    on all rows at once."""
-    total = len(store) if n_rows is None else min(n_rows, len(store))
-    if total == 0:
+    on all rows at once. ``skip_special``: leave out store rows at special tokens
+    (``ActivationStore.special_rows``), the convention of training; ``n_rows`` counts the
+    rows read, ``ReconstructionMetrics.n_rows`` those evaluated."""
+    read = len(store) if n_rows is None else min(n_rows, len(store))
+    if read == 0:
         raise ValueError("no rows to evaluate on: the store is empty")
     device = sae.W_enc.device
+    total = 0
     sums = dict(sse=0.0, cos=0.0, ratio=0.0, l0=0.0, l1=0.0, sq=0.0)
     sum_D = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)
     fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=device)
-    for start in range(0, total, batch_size):
-        x_ND = _rows(store, start, min(total, start + batch_size)).to(device)
+    for start in range(0, read, batch_size):
+        stop = min(read, start + batch_size)
+        x_ND = _rows(store, start, stop)
+        if skip_special and hasattr(store, "special_rows"):
+            x_ND = x_ND[torch.from_numpy(~store.special_rows(start, stop))]
+        x_ND = x_ND.to(device)
         recon_ND, latents_NF = sae(x_ND)
         n = len(x_ND)
+        total += n
         sums["sse"] += mse(x_ND, recon_ND) * n
         sums["cos"] += cosine_similarity(x_ND, recon_ND) * n
         sums["ratio"] += l2_ratio(x_ND, recon_ND) * n
@@ -195,26 +203,37 @@ def recovered(ce_ablated: float, ce_spliced: float, ce_clean: float) -> float:
 
 @torch.no_grad()
 def downstream_losses(model, tokens_NL: torch.Tensor, sae, hook_name: str | None = None,
-                      mean_D: torch.Tensor | None = None, batch_size: int = 32, skip_bos: bool = True) -> DownstreamLoss:
+                      mean_D: torch.Tensor | None = None, batch_size: int = 32, skip_bos: bool = True,
+                      skip_special: bool = True) -> DownstreamLoss:
     """CE loss and KL of ``model`` on ``tokens_NL`` clean, with ``sae`` spliced in at
     ``hook_name`` (default ``sae.cfg.hook_name``) and with the hook zero- or mean-ablated.
-    ``mean_D``: the hook's mean activation (default: measured on these tokens)."""
+    ``mean_D``: the hook's mean activation (default: measured on these tokens).
+
+    Conventions: the SAE and the ablations replace every position except BOS
+    (``skip_bos``) and special tokens (``skip_special``: mid-sequence ``<|endoftext|>``,
+    which training leaves out; SAELens's ``ignore_tokens`` does the same); CE and KL are
+    averaged over every prediction (all positions but the last), special ones included."""
+    from .data import special_token_ids
     from .models import check_hook_name
+    from .splice import Untouched
 
     hook_name = check_hook_name(model, hook_name or sae.cfg.hook_name)
     device = next(model.parameters()).device
     if mean_D is None:
         mean_D = hook_mean(model, tokens_NL, hook_name, batch_size)
+    special = torch.tensor(special_token_ids(model) if skip_special else [], dtype=torch.long)
+    untouched = Untouched()
     interventions = {
-        "spliced": sae_hook(sae, skip_bos=skip_bos),
-        "zero": ablation_hook("zero", skip_bos=skip_bos),
-        "mean": ablation_hook("mean", mean_D, skip_bos=skip_bos),
+        "spliced": sae_hook(sae, skip_bos=skip_bos, untouched=untouched),
+        "zero": ablation_hook("zero", skip_bos=skip_bos, untouched=untouched),
+        "mean": ablation_hook("mean", mean_D, skip_bos=skip_bos, untouched=untouched),
     }
     ce = dict.fromkeys(["clean", *interventions], 0.0)
     kl = {"spliced": 0.0, "zero": 0.0}
     n_predictions = 0
     for start in range(0, len(tokens_NL), batch_size):
         batch = tokens_NL[start : start + batch_size].to(device)
+        untouched.BL = torch.isin(batch, special.to(device)) if len(special) else None
         clean = model(batch)
         ce["clean"] += float(token_losses(clean, batch).double().sum())
         for name, hook_fn in interventions.items():
@@ -251,22 +270,31 @@ def hook_mean(model, tokens_NL: torch.Tensor, hook_name: str, batch_size: int = 
 # -- one call -------------------------------------------------------------------------------
 
 
+CONVENTIONS = ("BOS never replaced or counted (harvested without it); special tokens (mid-sequence "
+               "<|endoftext|>) left out of reconstruction metrics and not replaced when spliced; CE and KL "
+               "averaged over every prediction")
+"""What every number of ``evaluate`` assumes, written beside it (column ``conventions``)."""
+
+
 def evaluate(sae, model, store, name: str | None = None, n_rows: int | None = 200_000,
-             n_ce_contexts: int = 64, mean_D: torch.Tensor | None = None, batch_size: int = 32):
+             n_ce_contexts: int = 64, mean_D: torch.Tensor | None = None, batch_size: int = 32,
+             skip_special: bool = True):
     """One tidy row (a pandas DataFrame) describing ``sae`` on held-out data.
 
     ``store``: an ``ActivationStore`` of held-out activations at the SAE's hook; its first
     ``n_rows`` rows give the reconstruction metrics and its first ``n_ce_contexts`` token
     windows (``store.contexts()``) the downstream losses. ``mean_D`` for mean-ablation
-    defaults to the store's mean.
+    defaults to the store's mean. ``skip_special=False`` keeps special-token positions
+    everywhere; the row's ``conventions`` column says which was used.
     """
     import pandas as pd
 
     hook_name = sae.cfg.hook_name or store.hook
     store.require(d_in=sae.cfg.d_in, hook=hook_name)
-    recon = reconstruction_metrics(sae, store, n_rows)
+    recon = reconstruction_metrics(sae, store, n_rows, skip_special=skip_special)
     tokens_NL = torch.from_numpy(np.asarray(store.contexts()[:n_ce_contexts]).astype(np.int64))
-    loss = downstream_losses(model, tokens_NL, sae, hook_name, store.mean if mean_D is None else mean_D, batch_size)
+    loss = downstream_losses(model, tokens_NL, sae, hook_name, store.mean if mean_D is None else mean_D, batch_size,
+                             skip_bos=store.manifest.first_position == 1, skip_special=skip_special)
     cfg = sae.cfg
     row = {
         "name": name or cfg.metadata.get("name", cfg.architecture),
@@ -276,6 +304,9 @@ def evaluate(sae, model, store, name: str | None = None, n_rows: int | None = 20
         "k": cfg.k if cfg.architecture in ("topk", "batchtopk") else math.nan,
         **{f: getattr(recon, f) for f in ReconstructionMetrics._fields if f != "frequency_F"},
         **loss._asdict(),
+        "conventions": CONVENTIONS if skip_special else CONVENTIONS.replace(
+            "special tokens (mid-sequence <|endoftext|>) left out of reconstruction metrics and not replaced "
+            "when spliced", "special tokens kept"),
     }
     return pd.DataFrame([row])
 

@@ -14,8 +14,9 @@ exactly the decoded difference of the latents.
 
 Position 0 (the BOS token) is left untouched by default: SAEs are trained without it
 (``HarvestConfig.skip_bos``) and its activations are far outside their training
-distribution. The ablation hooks follow the same rule, so every comparison differs only
-at the positions the SAE was trained on.
+distribution. ``Untouched`` marks further positions to leave clean (``downstream_losses``
+uses it for special tokens, which training leaves out too). The ablation hooks follow the
+same rules, so every comparison differs only at the positions the SAE was trained on.
 
 Hooks with head axes (``attn.hook_z`` [batch, pos, head, d_head]) are flattened to
 [batch, pos, d_in] for the SAE and reshaped back.
@@ -39,18 +40,32 @@ def _flat(act: torch.Tensor) -> torch.Tensor:
     return act.reshape(*act.shape[:2], -1)
 
 
-def _keep_bos(new_BLD: torch.Tensor, x_BLD: torch.Tensor, skip_bos: bool) -> torch.Tensor:
-    """``new_BLD`` (always a fresh tensor) with position 0 put back when ``skip_bos``."""
+class Untouched:
+    """Positions a hook leaves as they were, beyond BOS, set before each forward pass:
+    ``BL`` a bool [batch, pos] tensor (True: keep the clean activation), or None."""
+
+    def __init__(self, BL: torch.Tensor | None = None):
+        self.BL = BL
+
+
+def _keep_bos(new_BLD: torch.Tensor, x_BLD: torch.Tensor, skip_bos: bool,
+              untouched: Untouched | None = None) -> torch.Tensor:
+    """``new_BLD`` (always a fresh tensor) with position 0 put back when ``skip_bos``, and
+    the positions ``untouched.BL`` marks."""
     if skip_bos and new_BLD.shape[1] > 0:
         new_BLD[:, 0] = x_BLD[:, 0]
+    if untouched is not None and untouched.BL is not None:
+        keep_BL = untouched.BL.to(new_BLD.device)
+        new_BLD[keep_BL] = x_BLD[keep_BL]
     return new_BLD
 
 
 def sae_hook(sae, with_error: bool = False, skip_bos: bool = True, edit: LatentEdit | None = None,
-             record: dict | None = None):
+             record: dict | None = None, untouched: Untouched | None = None):
     """A TransformerLens forward hook that puts ``sae``'s reconstruction in place of the
     activation. ``edit`` may change the latents first; ``record`` (a dict) receives the
-    latents [batch, pos, d_sae] under the hook's name."""
+    latents [batch, pos, d_sae] under the hook's name; ``untouched`` marks more positions
+    to leave clean (special tokens)."""
 
     def hook_fn(act: torch.Tensor, hook) -> torch.Tensor:
         x_BLD = _flat(act)
@@ -66,14 +81,16 @@ def sae_hook(sae, with_error: bool = False, skip_bos: bool = True, edit: LatentE
             new_BLD = x_BLD + (edited_BLD - recon_BLD).to(x_BLD.dtype)
         else:
             new_BLD = edited_BLD.to(x_BLD.dtype)
-        return _keep_bos(new_BLD, x_BLD, skip_bos).reshape(act.shape)
+        return _keep_bos(new_BLD, x_BLD, skip_bos, untouched).reshape(act.shape)
 
     return hook_fn
 
 
-def ablation_hook(kind: str, mean_D: torch.Tensor | None = None, skip_bos: bool = True):
+def ablation_hook(kind: str, mean_D: torch.Tensor | None = None, skip_bos: bool = True,
+                  untouched: Untouched | None = None):
     """A forward hook that zero-ablates (``kind="zero"``) or mean-ablates (``kind="mean"``,
-    ``mean_D`` [d_in] the mean activation) a hook point, BOS kept as in ``sae_hook``."""
+    ``mean_D`` [d_in] the mean activation) a hook point, BOS and ``untouched`` positions
+    kept as in ``sae_hook``."""
     if kind not in ("zero", "mean"):
         raise ValueError(f"ablation kind must be 'zero' or 'mean', not {kind!r}")
     if kind == "mean" and mean_D is None:
@@ -85,7 +102,7 @@ def ablation_hook(kind: str, mean_D: torch.Tensor | None = None, skip_bos: bool 
             new_BLD = torch.zeros_like(x_BLD)
         else:
             new_BLD = mean_D.to(x_BLD.device, x_BLD.dtype).expand_as(x_BLD).clone()
-        return _keep_bos(new_BLD, x_BLD, skip_bos).reshape(act.shape)
+        return _keep_bos(new_BLD, x_BLD, skip_bos, untouched).reshape(act.shape)
 
     return hook_fn
 

@@ -88,6 +88,10 @@ class StoreManifest:
     """1 when the BOS position is skipped, else 0."""
     contexts_sha256: str
     """Checksum of ``contexts.npy``; a resumed harvest must use the same tokens."""
+    special_token_ids: list[int] = field(default_factory=list)
+    """The model's special tokens (``<|endoftext|>``...). Their rows are stored like any
+    other; readers leave them out when asked (``skip_special``), as training and
+    evaluation do by default."""
     shards: list[ShardInfo] = field(default_factory=list)
     """Shards written so far, in row order."""
     complete: bool = False
@@ -211,7 +215,7 @@ class ActivationStore:
         m = self.manifest
         return {"model": m.model, "model_fingerprint": m.model_fingerprint, "hook": m.hook,
                 "contexts_sha256": m.contexts_sha256, "n_rows": m.n_rows, "first_position": m.first_position,
-                "dtype": m.dtype}
+                "dtype": m.dtype, "special_token_ids": m.special_token_ids}
 
     @property
     def mean(self) -> torch.Tensor:
@@ -303,14 +307,17 @@ class ActivationStore:
         chunk_rows: int = 2048,
         epochs: int = 1,
         drop_last: bool = True,
+        skip_special: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Float32 batches [batch_size, d_in] over the store, ``epochs`` times.
 
         With ``shuffle``, chunks of ``chunk_rows`` consecutive rows are visited in random
         order across all shards and mixed in a buffer of at most ``buffer_rows`` rows, so
-        RAM use is set by ``buffer_rows`` and not by the store's size.
+        RAM use is set by ``buffer_rows`` and not by the store's size. ``skip_special``
+        leaves out rows at special tokens (``manifest.special_token_ids``).
         """
         rng = np.random.default_rng(seed)
+        starts = np.concatenate([[0], np.cumsum([info.rows for info in self.manifest.shards])])
         chunks = [
             (index, lo, min(lo + chunk_rows, info.rows))
             for index, info in enumerate(self.manifest.shards)
@@ -323,8 +330,11 @@ class ActivationStore:
             held = 0
             for chunk_index in order:
                 index, lo, hi = chunks[chunk_index]
-                buffer.append(np.asarray(self.shard(index)[lo:hi], dtype=np.float32))
-                held += hi - lo
+                piece = np.asarray(self.shard(index)[lo:hi], dtype=np.float32)
+                if skip_special:
+                    piece = piece[~self.special_rows(starts[index] + lo, starts[index] + hi)]
+                buffer.append(piece)
+                held += len(piece)
                 if held >= buffer_rows:
                     pool = np.concatenate(buffer)
                     if shuffle:
@@ -357,6 +367,12 @@ class ActivationStore:
         """Token id at each store row."""
         context, position = self.locate(rows)
         return np.asarray(self.contexts()[context, position])
+
+    def special_rows(self, start: int, stop: int) -> np.ndarray:
+        """bool [stop - start]: which of rows ``start:stop`` sit at a special token."""
+        if not self.manifest.special_token_ids:
+            return np.zeros(max(0, stop - start), dtype=bool)
+        return np.isin(self.tokens_of(np.arange(start, stop)), self.manifest.special_token_ids)
 
 
 class StoreWriter:
@@ -424,8 +440,10 @@ class StoreWriter:
             old.mean, old.mean_norm, old.mean_sq_norm = _stats_of(reader)
             for info in dropped:
                 (self.folder / info.file).unlink(missing_ok=True)
-        changed = good < len(old.shards) or old.n_contexts != new.n_contexts
+        changed = (good < len(old.shards) or old.n_contexts != new.n_contexts
+                   or old.special_token_ids != new.special_token_ids)
         old.n_contexts = new.n_contexts
+        old.special_token_ids = new.special_token_ids  # stores from before the field get it
         self.manifest = old
         if changed:  # a finished, intact store is only read: other processes may be reading it too
             self._write_manifest()

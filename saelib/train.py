@@ -81,6 +81,10 @@ class TrainConfig:
     """A latent that has not fired on this many consecutive tokens counts as dead (and
     joins AuxK). None: a tenth of ``total_tokens``, at most 10M (Gao et al.'s window, meant
     for runs of billions of tokens; a short run with it would never see a dead latent)."""
+    skip_special_tokens: bool = True
+    """Leave out store rows at special tokens (mid-sequence ``<|endoftext|>`` document
+    boundaries): like BOS (never harvested by default) their activations are several times
+    the typical norm, and SAELens leaves them out too. Only for ActivationStore sources."""
     normalize_inputs: bool = True
     """Rescale inputs to mean squared norm d_in during training (folded back on export)."""
     b_dec_init: str = "geometric_median"
@@ -191,7 +195,8 @@ def data_fingerprint(source) -> dict | None:
 def _batches(source, cfg: TrainConfig) -> Iterator[torch.Tensor]:
     if isinstance(source, ActivationStore):
         epochs = math.ceil(cfg.total_tokens / max(1, len(source))) + 1
-        return source.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs)
+        return source.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs,
+                                   skip_special=cfg.skip_special_tokens)
     if callable(source):
         return iter(source())
     return iter(source)
@@ -427,7 +432,8 @@ class SAETrainer:
         sae.cfg = dataclasses.replace(
             sae.cfg, metadata={**sae.cfg.metadata, "trained_tokens": self.step * self.cfg.batch_size,
                                "input_scale": self.input_scale or 1.0,
-                               **({"data": self.data} if self.data is not None else {})}
+                               **({"data": self.data, "exclude_special_tokens": self.cfg.skip_special_tokens}
+                                  if self.data is not None else {})}
         )
         return sae
 

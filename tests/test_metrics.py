@@ -4,6 +4,7 @@ baselines, the one-call evaluate row, and the frontier helpers."""
 import math
 
 import pandas as pd
+import numpy as np
 import pytest
 import torch
 
@@ -252,3 +253,31 @@ def test_pareto_frontier_and_interpolation():
     assert metrics.interpolate_at(front, math.sqrt(32 * 64)) == pytest.approx(0.15)  # midway in log L0
     assert metrics.interpolate_at(front, 12, log_x=False) == pytest.approx(0.425)
     assert math.isnan(metrics.interpolate_at(front, 100))
+
+
+def test_special_tokens_are_left_out_of_metrics_and_splicing(tiny_model, tokens_NL, store, monkeypatch):
+    """Rows at special tokens are left out of reconstruction metrics and stay clean when the
+    SAE or an ablation replaces the hook (the convention training follows)."""
+    import saelib.data
+
+    sae = random_topk_sae(store.d_in)
+    special_rows = store.special_rows(0, len(store))
+    assert not special_rows.any()  # the tiny model has no tokenizer, so no special tokens
+    rows = store.rows(0, len(store))
+    tokens = store.tokens_of(np.arange(len(store)))
+    store.manifest.special_token_ids = [int(tokens[5]), int(tokens[40])]
+    keep = ~np.isin(tokens, store.manifest.special_token_ids)
+    assert 2 <= (~keep).sum() < len(keep)
+    skipped = metrics.reconstruction_metrics(sae, store)
+    by_hand = metrics.reconstruction_metrics(sae, rows[torch.from_numpy(keep)])
+    assert skipped.n_rows == keep.sum() and skipped.fvu == pytest.approx(by_hand.fvu, rel=1e-9)
+    assert metrics.reconstruction_metrics(sae, store, skip_special=False).n_rows == len(store)
+    store.manifest.special_token_ids = []
+
+    # Every token special: nothing may be replaced, so every loss is the clean one.
+    monkeypatch.setattr(saelib.data, "special_token_ids", lambda model: list(range(model.cfg.d_vocab)))
+    untouched = metrics.downstream_losses(tiny_model, tokens_NL, sae)
+    assert untouched.ce_spliced == pytest.approx(untouched.ce_clean, abs=1e-6)
+    assert untouched.ce_zero == pytest.approx(untouched.ce_clean, abs=1e-6)
+    replaced = metrics.downstream_losses(tiny_model, tokens_NL, sae, skip_special=False)
+    assert abs(replaced.ce_zero - replaced.ce_clean) > 1e-4

@@ -190,3 +190,23 @@ def test_reopening_a_finished_store_writes_nothing(tmp_path):
     store = reopened.close()
     assert store.manifest.complete and len(store) == 30
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_special_token_rows_are_left_out_on_request(tmp_path, acts_ND):
+    """Mid-sequence <|endoftext|> rows stay in the store (its layout is fixed) but readers
+    can leave them out: ``special_rows`` marks them, ``iter_batches(skip_special=True)`` drops them."""
+    store = write_store(tmp_path / "s", acts_ND, n_contexts=10)
+    special = [int(t) for t in store.tokens_of(np.array([3, 17, 22]))]
+    manifest = json.loads((store.folder / "manifest.json").read_text())
+    manifest["special_token_ids"] = special
+    (store.folder / "manifest.json").write_text(json.dumps(manifest))
+    store = ActivationStore(store.folder)
+    assert store.special_rows(0, 40).nonzero()[0].tolist() == [3, 17, 22]
+    assert store.fingerprint()["special_token_ids"] == special
+    kept = torch.cat(list(store.iter_batches(batch_size=4, seed=2, buffer_rows=8, chunk_rows=3, drop_last=False,
+                                             skip_special=True)))
+    expected = acts_ND[[r for r in range(40) if r not in (3, 17, 22)]]
+    assert len(kept) == 37
+    assert sorted(map(tuple, kept.tolist())) == sorted(map(tuple, expected.tolist()))
+    everything = torch.cat(list(store.iter_batches(batch_size=4, seed=2, drop_last=False)))
+    assert len(everything) == 40

@@ -1,6 +1,7 @@
 """The SAE trainer: AuxK locality, decoder norms, exact resume, toy recovery, data sources."""
 
 import copy
+import itertools
 import dataclasses
 
 import numpy as np
@@ -215,3 +216,15 @@ def test_a_finished_run_on_other_data_is_not_handed_back_untrained(tmp_path):
     assert fresh.tokens_per_s > 0 and fresh.sae.cfg.metadata["data"] == other.fingerprint()
     assert (tmp_path / "run" / "trainer_state.pt.stale").exists()  # the old run is set aside, not lost
     assert not torch.equal(fresh.sae.W_dec, old.sae.W_dec)
+
+
+def test_training_leaves_out_special_token_rows_by_default(tmp_path):
+    from saelib.train import _batches
+
+    rows = TOY.sample(4000, torch.Generator().manual_seed(0))[0].numpy()
+    store = small_store(tmp_path / "s", rows, token=3)
+    store.manifest.special_token_ids = [3]  # every row sits at token 3
+    assert sum(len(b) for b in itertools.islice(_batches(store, quick_cfg(batch_size=500, total_tokens=4000)), 20)) == 0
+    store.manifest.special_token_ids = []
+    assert sum(len(b) for b in itertools.islice(_batches(store, quick_cfg(batch_size=500, total_tokens=4000)), 8)) == 4000
+    assert TrainConfig().skip_special_tokens
