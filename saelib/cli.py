@@ -3,6 +3,9 @@
     python -m saelib run-notebooks [--profile smoke|default|full] [--only 00 02]
     python -m saelib harvest --hooks blocks.2.hook_resid_post [--model embedded] [--tokens 1000000]
     python -m saelib train STORE_FOLDER OUT_FOLDER [--architecture topk] [--d-sae 4096] [--k 32] [--tokens N]
+
+The options of ``harvest`` and ``train`` are the fields of ``HarvestConfig``, ``SAEConfig``
+and ``TrainConfig`` (their docstrings are the help), so they cannot drift apart.
     python -m saelib zoo corpus      # fetch sources, train the tokenizer, tokenize
     python -m saelib zoo train       # train the embedded LM (resumable; re-run to resume)
     python -m saelib zoo export      # copy the trained weights into data/
@@ -15,6 +18,74 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source: the config
+    classes document their fields that way, and those texts are the CLI's help."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for field, after in zip(body, body[1:]):
+        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[field.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _value_type(hint) -> type:
+    """``int`` for ``int | None``, ``list`` for ``list[str]``, else the type itself."""
+    import types
+    import typing
+
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def add_config_args(parser, cls, skip=(), required=(), aliases=None, choices=None) -> None:
+    """One option per field of dataclass ``cls`` (``--field-name``; booleans get
+    ``--no-field-name`` too), with the field's type, default and docstring: the flags
+    cannot drift from the config. ``config_from_args`` builds the config back."""
+    import dataclasses
+    import typing
+
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    aliases, choices = aliases or {}, choices or {}
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        names = ["--" + field.name.replace("_", "-"), *aliases.get(field.name, [])]
+        kind = _value_type(hints[field.name])
+        options = {"dest": field.name, "help": docs.get(field.name, "")}
+        if field.name in required or (field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING):
+            options["required"] = True
+        elif field.default is not dataclasses.MISSING:
+            options["default"] = field.default
+        else:
+            options["default"] = field.default_factory()
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind is list:
+            options["nargs"] = "+"
+        else:
+            options["type"] = kind
+            if field.name in choices:
+                options["choices"] = choices[field.name]
+        if "default" in options:
+            options["help"] += f" (default: {options['default']!r})"
+        parser.add_argument(*names, **options)
+
+
+def config_from_args(cls, args, **fixed):
+    """An instance of dataclass ``cls`` from the options ``add_config_args`` added, plus ``fixed``."""
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **fixed})
 
 
 def _cmd_run_notebooks(args) -> int:
@@ -37,22 +108,12 @@ def _cmd_harvest(args) -> int:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device)
     tokens_NL = token_windows(model, args.tokens, context_len=args.context_len, seed=args.seed)
-    cfg = HarvestConfig(
-        hooks=args.hooks,
-        batch_size=args.batch_size,
-        skip_bos=not args.keep_bos,
-        dtype=args.dtype,
-        out_dir=args.out_dir or "",
-        overwrite=args.overwrite,
-    )
-    for store in harvest(model, tokens_NL, cfg).values():
+    for store in harvest(model, tokens_NL, config_from_args(HarvestConfig, args)).values():
         print(f"{store.folder}: {store!r}")
     return 0
 
 
 def _cmd_train(args) -> int:
-    import dataclasses
-
     import torch
 
     from .sae import SAEConfig
@@ -63,14 +124,10 @@ def _cmd_train(args) -> int:
         torch.set_num_threads(args.threads)
     store = ActivationStore(args.store)
     out = Path(args.out)
-    sae_cfg = SAEConfig(d_in=store.d_in, d_sae=args.d_sae, architecture=args.architecture, k=args.k,
-                        model_name=store.manifest.model, hook_name=store.hook)
-    train_cfg = TrainConfig(total_tokens=args.tokens or len(store), batch_size=args.batch_size, lr=args.lr,
-                            l1_coefficient=args.l1 if args.architecture == "relu" else 0.0,
-                            aux_k=0 if args.no_auxk else None, seed=args.seed,
-                            out_dir=str(out / "checkpoint"), restart_stale=args.restart_stale)
-    if args.dead_tokens:
-        train_cfg = dataclasses.replace(train_cfg, dead_tokens=args.dead_tokens)
+    sae_cfg = config_from_args(SAEConfig, args, d_in=store.d_in, model_name=store.manifest.model, hook_name=store.hook)
+    train_cfg = config_from_args(TrainConfig, args, out_dir=str(out / "checkpoint"))
+    if sae_cfg.architecture == "relu" and train_cfg.l1_coefficient <= 0:
+        raise ValueError("a relu SAE needs an L1 penalty: pass --l1-coefficient, e.g. 0.1 (notebook 03's value)")
     result = train_sae(sae_cfg, store, train_cfg, device=args.device, max_minutes=args.max_minutes)
     result.sae.save(out)
     last = result.metrics.iloc[-1]
@@ -144,6 +201,10 @@ def _cmd_zoo_card(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .harvest import HarvestConfig
+    from .sae import ARCHITECTURES, SAEConfig
+    from .train import TrainConfig
+
     parser = argparse.ArgumentParser(prog="python -m saelib", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -154,37 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run_notebooks)
 
     hv = sub.add_parser("harvest", help="store activations of hook points (resumes an interrupted run)")
-    hv.add_argument("--hooks", nargs="+", required=True, help="TransformerLens hook names")
     hv.add_argument("--model", default="embedded", help="'embedded' or a TransformerLens pretrained name")
     hv.add_argument("--tokens", type=int, default=1_000_000, help="tokens to run (from the shipped sample text)")
-    hv.add_argument("--context-len", type=int, default=128)
+    hv.add_argument("--context-len", type=int, default=128, help="tokens per window, BOS included")
     hv.add_argument("--seed", type=int, default=0, help="which windows of the sample text")
-    hv.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
-    hv.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    hv.add_argument("--keep-bos", action="store_true", help="also store position 0")
-    hv.add_argument("--out-dir", help="parent folder of the stores (default build/artifacts/stores/<model>)")
-    hv.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
     hv.add_argument("--device", default="cpu")
     hv.add_argument("--threads", type=int, help="torch threads")
+    add_config_args(hv, HarvestConfig, required=("hooks",), choices={"dtype": ["float16", "float32"]})
     hv.set_defaults(func=_cmd_harvest)
 
     tr = sub.add_parser("train", help="train an SAE on an activation store (re-run to resume)")
     tr.add_argument("store", help="activation store folder (one hook), e.g. from `harvest`")
     tr.add_argument("out", help="folder for the trained SAE (cfg.json + sae_weights.safetensors); checkpoints in OUT/checkpoint")
-    tr.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "relu"])
-    tr.add_argument("--d-sae", type=int, default=4096, help="latents")
-    tr.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
-    tr.add_argument("--l1", type=float, default=1.0, help="L1 coefficient (relu)")
-    tr.add_argument("--tokens", type=int, help="training tokens (default: one pass over the store)")
-    tr.add_argument("--batch-size", type=int, default=4096)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--dead-tokens", type=int, help="tokens without firing before a latent counts as dead")
-    tr.add_argument("--no-auxk", action="store_true", help="train TopK without the AuxK loss")
-    tr.add_argument("--seed", type=int, default=0)
+    add_config_args(tr, SAEConfig, skip=("d_in", "model_name", "hook_name", "metadata"),
+                    choices={"architecture": [n for n, cls in ARCHITECTURES.items() if cls.trains]})
+    add_config_args(tr, TrainConfig, skip=("out_dir",), aliases={"total_tokens": ["--tokens"], "l1_coefficient": ["--l1"]},
+                    choices={"b_dec_init": ["geometric_median", "mean", "zeros"], "dictionary_init": ["tied", "data"]})
     tr.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
-    tr.add_argument("--restart-stale", action="store_true",
-                    help="a checkpoint from other settings or another store is set aside and training starts afresh "
-                         "(default: refuse it)")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--threads", type=int, help="torch threads")
     tr.set_defaults(func=_cmd_train)
@@ -244,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ModelNeedsNetworkError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
-            StaleCheckpointError, FileNotFoundError) as err:
+            StaleCheckpointError, FileNotFoundError, ValueError) as err:
         # Errors that explain themselves: their message, without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -150,7 +150,9 @@ def test_cli_trains_and_saves_a_loadable_sae(tmp_path, capsys):
     sae = load_sae(tmp_path / "sae")
     assert sae.cfg.k == 4 and sae.cfg.hook_name == "h" and "FVU" in capsys.readouterr().out
     assert main(["train", *args]) == 0  # finished checkpoint: resumes at the end, trains nothing
-    assert main(["train", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2  # clear error, no traceback
+    assert main(["train", str(tmp_path / "nowhere"), str(tmp_path / "x"), "--d-sae", "8"]) == 2  # clear error, no traceback
+    assert main(["train", str(store.folder), str(tmp_path / "r"), "--d-sae", "8", "--architecture", "relu"]) == 2
+    assert "needs an L1 penalty" in capsys.readouterr().err
 
 
 def test_default_dead_window_scales_with_the_run_so_short_runs_see_deaths():
@@ -228,3 +230,27 @@ def test_training_leaves_out_special_token_rows_by_default(tmp_path):
     store.manifest.special_token_ids = []
     assert sum(len(b) for b in itertools.islice(_batches(store, quick_cfg(batch_size=500, total_tokens=4000)), 8)) == 4000
     assert TrainConfig().skip_special_tokens
+
+
+def test_cli_options_are_the_config_fields_with_their_defaults_and_docs():
+    """The train and harvest flags are built from TrainConfig / SAEConfig / HarvestConfig:
+    every field has a flag with the field's default and docstring, so they cannot drift."""
+    import argparse
+    import dataclasses
+
+    from saelib.cli import build_parser, config_from_args, field_docs
+    from saelib.harvest import HarvestConfig
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, cls, skipped in [("train", TrainConfig, {"out_dir"}), ("harvest", HarvestConfig, {"hooks"})]:
+        actions = {a.dest: a for a in sub.choices[command]._actions}
+        docs = field_docs(cls)
+        for field in dataclasses.fields(cls):
+            if field.name in skipped:
+                continue
+            assert actions[field.name].default == field.default, (command, field.name)
+            assert docs[field.name] and actions[field.name].help.startswith(docs[field.name]), field.name
+    args = parser.parse_args(["train", "s", "o", "--d-sae", "64", "--aux-relu", "--no-skip-special-tokens", "--l1", "0.2"])
+    cfg = config_from_args(TrainConfig, args, out_dir="x")
+    assert cfg == dataclasses.replace(TrainConfig(), aux_relu=True, skip_special_tokens=False, l1_coefficient=0.2, out_dir="x")
