@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .data import special_token_ids
 from .models import check_hook_name, hook_layer, model_fingerprint
 from .paths import artifacts_dir
-from .store import ActivationStore, StoreManifest, StoreWriter
+from .store import ActivationStore, StoreManifest
+from .store_writer import StoreWriter
 
 # Hooks outside the blocks that are computed before block 0.
 _EMBEDDING_HOOKS = ("hook_embed", "hook_pos_embed", "hook_tokens")

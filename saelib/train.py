@@ -202,6 +202,38 @@ def _batches(source, cfg: TrainConfig) -> Iterator[torch.Tensor]:
     return iter(source)
 
 
+class MetricsLog:
+    """Logged rows of one ``fit`` call, appended to ``<out_dir>/metrics.jsonl`` when there is
+    one (flushed per row, so a killed run keeps its log)."""
+
+    def __init__(self, out_dir: Path | None):
+        self.path = out_dir / METRICS_FILE if out_dir is not None else None
+        self.rows: list[dict] = []
+        self._handle = None
+        if self.path is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._handle = self.path.open("a")
+
+    def write(self, record: dict) -> None:
+        self.rows.append(record)
+        if self._handle is not None:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def table(self):
+        """Every logged row of the run, resumed parts included: a pandas DataFrame."""
+        import pandas as pd
+
+        if self.path is not None and self.path.exists():
+            return pd.read_json(self.path, lines=True)
+        return pd.DataFrame(self.rows)
+
+
 class SAETrainer:
     """Owns one run: the SAE (in normalised-input space), optimiser, step, dead counters."""
 
@@ -219,6 +251,7 @@ class SAETrainer:
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=self.device)
         self.input_scale: float | None = None
         self.data = data
+        self._last_save = time.perf_counter()
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         if self.out_dir is not None and (self.out_dir / STATE_FILE).exists():
             self._load_state()
@@ -352,76 +385,70 @@ class SAETrainer:
 
         ``extra_metrics(trainer)`` adds its dict to every logged row, and to a first row at
         step 0 right after initialisation (e.g. MMCS to known features over training)."""
-        import pandas as pd
-
-        cfg = self.cfg
-        if isinstance(source, ActivationStore):
-            source.require(d_in=self.sae.cfg.d_in)
-        total = cfg.steps()
-        last = total if max_steps is None else min(total, self.step + max_steps)
-        batches = _batches(source, cfg)
-        if self.step > 0:  # resume: the batches already trained on are skipped, not reused
-            batches = itertools.islice(batches, self.step, None)
-        log = None
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            log = (self.out_dir / METRICS_FILE).open("a")
-        rows: list[dict] = []
-
-        def write_row(record: dict) -> None:
-            rows.append(record)
-            if log is not None:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-
-        started = last_save = time.perf_counter()
-        first_step = self.step
+        last = self.cfg.steps() if max_steps is None else min(self.cfg.steps(), self.step + max_steps)
+        batches = self._batches_from_here(source)
+        log = MetricsLog(self.out_dir)
+        first_step, started = self.step, time.perf_counter()
         bar = tqdm(total=last, initial=self.step, desc=f"train {self.sae.architecture} SAE", unit="step",
-                   disable=not cfg.progress)
+                   disable=not self.cfg.progress)
         self.sae.train()
         try:
-            while self.step < last:
-                try:
-                    raw_BD = next(batches)
-                except StopIteration:
-                    break
-                raw_BD = raw_BD.to(self.device, torch.float32)
-                self.sae._check_width(raw_BD)
-                if not torch.isfinite(raw_BD).all():
-                    raise ValueError(f"batch {self.step} holds NaN or inf activations; check the data source")
-                if self.input_scale is None:
-                    self._initialise(raw_BD, source)
-                    if extra_metrics is not None:
-                        write_row({"step": 0, "tokens": 0, **extra_metrics(self)})
-                record = self.train_step(raw_BD * self.input_scale)
-                if self.step % cfg.log_every == 0 or self.step == total:
-                    record = {"step": self.step, "tokens": self.step * cfg.batch_size, **record}
-                    if extra_metrics is not None:
-                        record.update(extra_metrics(self))
-                    write_row(record)
-                    bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
-                bar.update(1)
-                if self.out_dir is not None and time.perf_counter() - last_save > 60 * cfg.checkpoint_minutes:
-                    self.save_checkpoint()
-                    last_save = time.perf_counter()
+            while self.step < last and (raw_BD := next(batches, None)) is not None:
+                x_BD = self._prepared(raw_BD, source, log, extra_metrics)
+                record = self.train_step(x_BD)
+                self._log_step(record, log, bar, extra_metrics)
+                self._checkpoint_if_due()
                 if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
                     break
         finally:
             bar.close()
-            if log is not None:
-                log.close()
-        seconds = time.perf_counter() - started
+            log.close()
+        return self._finish(log, first_step, time.perf_counter() - started)
+
+    # -- the loop's named steps ------------------------------------------------------------------
+    def _batches_from_here(self, source) -> Iterator[torch.Tensor]:
+        """The source's batches, past those a resumed run already trained on."""
+        if isinstance(source, ActivationStore):
+            source.require(d_in=self.sae.cfg.d_in)
+        batches = _batches(source, self.cfg)
+        return itertools.islice(batches, self.step, None) if self.step > 0 else batches
+
+    def _prepared(self, raw_BD: torch.Tensor, source, log: "MetricsLog", extra_metrics) -> torch.Tensor:
+        """A batch checked (width, finite), on the device and scaled; the first one also
+        initialises input scale, b_dec and dictionary."""
+        raw_BD = raw_BD.to(self.device, torch.float32)
+        self.sae._check_width(raw_BD)
+        if not torch.isfinite(raw_BD).all():
+            raise ValueError(f"batch {self.step} holds NaN or inf activations; check the data source")
+        if self.input_scale is None:
+            self._initialise(raw_BD, source)
+            if extra_metrics is not None:
+                log.write({"step": 0, "tokens": 0, **extra_metrics(self)})
+        return raw_BD * self.input_scale
+
+    def _log_step(self, record: dict, log: "MetricsLog", bar, extra_metrics) -> None:
+        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps():
+            record = {"step": self.step, "tokens": self.step * self.cfg.batch_size, **record}
+            if extra_metrics is not None:
+                record.update(extra_metrics(self))
+            log.write(record)
+            bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
+        bar.update(1)
+
+    def _checkpoint_if_due(self) -> None:
+        now = time.perf_counter()
+        if self.out_dir is not None and now - self._last_save > 60 * self.cfg.checkpoint_minutes:
+            self.save_checkpoint()
+            self._last_save = now
+
+    def _finish(self, log: "MetricsLog", first_step: int, seconds: float) -> TrainResult:
         self.save_checkpoint()
         self.sae.eval()
-        if self.out_dir is not None and (self.out_dir / METRICS_FILE).exists():
-            metrics = pd.read_json(self.out_dir / METRICS_FILE, lines=True)
-        else:
-            metrics = pd.DataFrame(rows)
         return TrainResult(
             sae=self.export(),
-            metrics=metrics,
-            dead_fraction=float((self.tokens_since_fired >= cfg.resolved_dead_tokens()).float().mean()),
-            tokens_per_s=(self.step - first_step) * cfg.batch_size / max(seconds, 1e-9),
+            metrics=log.table(),
+            dead_fraction=float((self.tokens_since_fired >= self.cfg.resolved_dead_tokens()).float().mean()),
+            tokens_per_s=(self.step - first_step) * self.cfg.batch_size / max(seconds, 1e-9),
             input_scale=self.input_scale or 1.0,
         )
 

@@ -5,7 +5,8 @@ import torch
 
 from saelib.harvest import HarvestConfig, harvest, stop_layer
 from saelib.models import UnknownHookError, model_fingerprint, randomize_weights
-from saelib.store import ActivationStore, StoreMismatchError, StoreWriter
+from saelib.store import ActivationStore, StoreMismatchError
+from saelib.store_writer import StoreWriter
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"]
 

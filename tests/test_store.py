@@ -12,8 +12,8 @@ from saelib.store import (
     NonFiniteActivationsError,
     StoreManifest,
     StoreMismatchError,
-    StoreWriter,
 )
+from saelib.store_writer import StoreWriter
 
 D_IN, CONTEXT_LEN = 6, 5  # BOS skipped: 4 rows per context
 
@@ -172,7 +172,8 @@ def test_missing_store_says_to_harvest(tmp_path):
 
 
 def test_reopening_a_finished_store_writes_nothing(tmp_path):
-    from saelib.store import StoreManifest, StoreWriter
+    from saelib.store import StoreManifest
+    from saelib.store_writer import StoreWriter
 
     def open_writer():
         manifest = StoreManifest(model="m", model_fingerprint="f", hook="h", d_in=4, dtype="float32", shard_rows=10,

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from saelib.sae import SAEConfig, make_sae
-from saelib.store import StoreManifest, StoreMismatchError, StoreWriter
+from saelib.store import StoreManifest, StoreMismatchError
+from saelib.store_writer import StoreWriter
 from saelib.toy import ToyConfig, ToyData, mmcs
 from saelib.train import SAETrainer, TrainConfig, aux_loss, sweep, train_sae
 
