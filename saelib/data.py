@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .paths import data_dir
+from .zoo.tokenizer import load_tokenizer
 
 SPLITS = {"train": "tokens_sample.npy", "heldout": "tokens_heldout.npy"}
 
@@ -70,8 +71,6 @@ def token_windows(model, n_tokens: int, context_len: int = 128, split: str = "tr
 def _retokenize(model, windows: np.ndarray, body_len: int, enough: int | None) -> np.ndarray:
     """Decode the embedded windows to text and cut each one's ids under the model's own
     tokenizer into rows of ``body_len``; stops after ``enough`` rows when given."""
-    from .zoo.tokenizer import load_tokenizer
-
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer: pass token ids directly")
     embedded_tokenizer = load_tokenizer(data_dir() / "tokenizer.json")

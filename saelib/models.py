@@ -16,6 +16,8 @@ import socket
 import torch
 
 from .paths import data_dir
+from .zoo.lm import LMConfig, to_hooked_transformer
+from .zoo.tokenizer import load_tokenizer
 
 EMBEDDED = "embedded"
 EMBEDDED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -60,12 +62,10 @@ def load_embedded(device: str = "cpu"):
         raise FileNotFoundError(
             f"the embedded model is incomplete: {', '.join(missing)} missing in {folder}. "
             "A fresh clone ships these files; if you removed them, restore them with "
-            "`git checkout -- data/` or rebuild them with `python -m saelib zoo all`."
+            "`git checkout -- data/` or rebuild them as README.md says (`python -m saelib zoo corpus`, "
+            "`zoo train`, `zoo export`)."
         )
     from safetensors.torch import load_file
-
-    from .zoo.lm import LMConfig, to_hooked_transformer
-    from .zoo.tokenizer import load_tokenizer
 
     cfg = LMConfig.load(folder / "config.json")
     tokenizer = load_tokenizer(folder / "tokenizer.json")

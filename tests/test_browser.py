@@ -60,7 +60,7 @@ def report(tmp_path_factory, chromium) -> tuple[Path, dict]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    results = json.loads((out / "results" / "05_feature_dashboards.json").read_text())
+    results = json.loads((out / "results" / "smoke" / "embedded" / "05_feature_dashboards.json").read_text())
     return out / "reports" / "05_feature_dashboards.html", results
 
 

@@ -18,6 +18,7 @@ import torch
 from ..paths import data_dir
 from .ioi_templates import IOI_EVAL_TEMPLATES
 from ..ioi import ioi_logit_diffs, ioi_prompts, model_single_token_names
+from ..models import load_embedded
 from .probes import induction_losses
 
 BARS = {"bigram_margin_nats": 0.5, "induction_ratio": 0.5, "ioi_logit_diff": 1.0, "ioi_positive": 0.8}
@@ -180,8 +181,6 @@ def render_card(numbers: dict, verdicts: dict, cfg: dict, training: dict, texts:
 
 def write_model_card(build_dir: Path, out_dir: Path | None = None) -> dict:
     """Measure the model in ``data/`` against ``build_dir``'s tokens; write MODEL_CARD.md and quality.json."""
-    from ..models import load_embedded
-
     out_dir = Path(out_dir or data_dir())
     started = time.time()
     model = load_embedded("cpu")
