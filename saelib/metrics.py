@@ -274,6 +274,9 @@ CONVENTIONS = ("BOS never replaced or counted (harvested without it); special to
                "<|endoftext|>) left out of reconstruction metrics and not replaced when spliced; CE and KL "
                "averaged over every prediction")
 """What every number of ``evaluate`` assumes, written beside it (column ``conventions``)."""
+CONVENTIONS_SPECIAL_KEPT = ("BOS never replaced or counted (harvested without it); special tokens kept like any "
+                            "other token; CE and KL averaged over every prediction")
+"""The same with ``skip_special=False``."""
 
 
 def evaluate(sae, model, store, name: str | None = None, n_rows: int | None = 200_000,
@@ -304,9 +307,7 @@ def evaluate(sae, model, store, name: str | None = None, n_rows: int | None = 20
         "k": cfg.k if cfg.architecture in ("topk", "batchtopk") else math.nan,
         **{f: getattr(recon, f) for f in ReconstructionMetrics._fields if f != "frequency_F"},
         **loss._asdict(),
-        "conventions": CONVENTIONS if skip_special else CONVENTIONS.replace(
-            "special tokens (mid-sequence <|endoftext|>) left out of reconstruction metrics and not replaced "
-            "when spliced", "special tokens kept"),
+        "conventions": CONVENTIONS if skip_special else CONVENTIONS_SPECIAL_KEPT,
     }
     return pd.DataFrame([row])
 

@@ -238,7 +238,7 @@ def test_evaluate_gives_one_tidy_row(tiny_model, store):
     assert list(table.name) == ["identity", "random"] and len(table.columns) == len(perfect.columns)
     first = table.iloc[0]
     assert first.fvu < 1e-8 and first.l0 <= store.d_in and first.ce_recovered == pytest.approx(1, abs=1e-3)
-    assert first.n_rows == len(store) and first.n_tokens == 8 * 11
+    assert first.n_rows == len(store) and first.n_tokens == 8 * 11 and first.conventions == metrics.CONVENTIONS
     assert table.iloc[1].fvu > 0.01 and table.iloc[1].l0 == pytest.approx(4.0)
     with pytest.raises(ValueError, match="d_in mismatch"):
         metrics.evaluate(random_topk_sae(48), tiny_model, store)

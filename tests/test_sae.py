@@ -78,12 +78,18 @@ def grads_of(sae, loss):
     return {n: p.grad.clone() for n, p in sae.named_parameters()}
 
 
-def test_sparse_topk_gradients_equal_dense_autograd():
-    torch.manual_seed(0)
-    sae = make_sae(SAEConfig(d_in=D, d_sae=96, architecture="topk", k=6))
+def with_random_biases(sae):
+    """Non-zero biases, so a gradient test cannot pass by a bias term vanishing."""
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(0, 0.1)
+    return sae
+
+
+def test_sparse_topk_gradients_equal_dense_autograd():
+    torch.manual_seed(0)
+    sae = with_random_biases(make_sae(SAEConfig(d_in=D, d_sae=96, architecture="topk", k=6)))
+    with torch.no_grad():
         sae.W_dec.mul_(torch.rand(96, 1) + 0.5)
     x = torch.randn(40, D, dtype=torch.float32)
     with torch.enable_grad():
@@ -106,10 +112,7 @@ def dense_batchtopk_loss(sae, x):
 
 def test_batchtopk_gradients_equal_dense_autograd():
     torch.manual_seed(5)
-    sae = make_sae(SAEConfig(d_in=D, d_sae=96, architecture="batchtopk", k=6))
-    with torch.no_grad():
-        sae.b_dec.normal_()
-        sae.b_enc.normal_(0, 0.1)
+    sae = with_random_biases(make_sae(SAEConfig(d_in=D, d_sae=96, architecture="batchtopk", k=6)))
     x = torch.randn(40, D) * torch.linspace(0.2, 2, 40)[:, None]
     with torch.enable_grad():
         sparse = grads_of(sae, (sae.train_forward(x).recon_BD - x).pow(2).sum())

@@ -35,52 +35,39 @@ class FeatureExamples(NamedTuple):
     """Examples asked for that the collected activations could not supply (0: all there)."""
 
 
-def _peaks(acts: FeatureActivations, feature: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, values) of the feature's peak in every context it fires in, strongest first."""
-    rows, values = acts.of(feature)
-    contexts, _ = acts.store.locate(rows)
-    order = np.lexsort((-values, contexts))  # by context, then strongest first
-    _, first = np.unique(contexts[order], return_index=True)
-    peak = order[first]
-    by_strength = peak[np.argsort(-values[peak], kind="stable")]
-    return rows[by_strength], values[by_strength]
-
-
 def sample_examples(acts: FeatureActivations, feature: int, n_explain: int = 10, n_score_top: int = 10,
                     n_bands: int = 10, per_band: int = 2, n_non_activating: int | None = None,
                     seed: int = 0) -> FeatureExamples:
     """Examples of ``feature`` for explaining and scoring (sizes as in the module docstring).
     A feature that fires in fewer contexts than asked gets what exists, with ``missing``
     counting the shortfall; one that never fires raises ``ValueError``."""
-    rows, values = _peaks(acts, feature)
-    if len(rows) == 0:
+    peaks = acts.top_examples(feature, n=len(acts.of(feature)[0]))  # every context's peak, strongest first
+    if not peaks:
         raise ValueError(f"feature {feature} never fires on the {acts.n_rows} rows collected: nothing to explain "
                          "(collect more rows, or skip dead features)")
     rng = np.random.default_rng([seed, feature])
-    n_top = min(len(rows), n_explain + n_score_top)
+    n_top = min(len(peaks), n_explain + n_score_top)
     explain_idx = [i for i in range(n_top) if i % 2 == 0][:n_explain]
     score_idx = [i for i in range(n_top) if i not in explain_idx][:n_score_top]
     used = set(explain_idx) | set(score_idx)
     explain_idx += [i for i in range(n_top) if i not in used][: n_explain - len(explain_idx)]
     used = set(explain_idx) | set(score_idx)
-    rest = np.array([i for i in range(len(rows)) if i not in used], dtype=np.int64)
+    rest = np.array([i for i in range(len(peaks)) if i not in used], dtype=np.int64)
     bands = []
     for chunk in np.array_split(rest, n_bands) if len(rest) else [np.zeros(0, np.int64)] * n_bands:
         chosen = np.sort(rng.choice(chunk, min(per_band, len(chunk)), replace=False)) if len(chunk) else chunk
-        bands.append(acts._examples(rows[chosen], values[chosen]))
+        bands.append([peaks[i] for i in chosen])
     n_scored = len(score_idx) + sum(len(b) for b in bands)
     wanted_non = n_scored if n_non_activating is None else n_non_activating
-    per_context = acts.store.manifest.rows_per_context
-    covered = -(-acts.n_rows // per_context)
-    firing = np.unique(acts.store.locate(acts.of(feature)[0])[0])
-    silent = np.setdiff1d(np.arange(covered), firing)
+    covered = -(-acts.n_rows // acts.store.manifest.rows_per_context)
+    silent = np.setdiff1d(np.arange(covered), [e.context for e in peaks])
     non_activating = np.sort(rng.choice(silent, min(wanted_non, len(silent)), replace=False)).tolist()
     asked = n_explain + n_score_top + n_bands * per_band + wanted_non
     got = len(explain_idx) + n_scored + len(non_activating)
     return FeatureExamples(
         feature=int(feature),
-        explain=acts._examples(rows[explain_idx], values[explain_idx]),
-        score_top=acts._examples(rows[score_idx], values[score_idx]),
+        explain=[peaks[i] for i in explain_idx],
+        score_top=[peaks[i] for i in score_idx],
         score_bands=bands,
         non_activating=[int(c) for c in non_activating],
         missing=asked - got,
