@@ -47,6 +47,7 @@ def test_explain_and_score_sets_are_disjoint_top_contexts_dealt_alternately(stor
     for b, band in enumerate(ex.score_bands):
         assert all(10 + 12 * b <= e.context <= 10 + 13 * (b + 1) for e in band), (b, band)
     assert len(ex.non_activating) == 5 + 12 and all(60 <= c < N_CONTEXTS for c in ex.non_activating)
+    assert len(ex.random) == 5 and not set(ex.random) & set(explain_contexts + score_contexts)
     assert ex.missing == 0
     again = sample_examples(acts, 0, n_explain=5, n_score_top=5, n_bands=4, per_band=3, seed=1)
     assert again == ex  # deterministic for a seed

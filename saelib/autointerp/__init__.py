@@ -1,8 +1,11 @@
-"""Automated interpretability (issue 16, in progress): explain -> simulate -> score.
+"""Automated interpretability: explain -> simulate -> score (Bills et al. 2023; delphi).
 
-Built so far: ``examples`` (explain / score / quantile-band / non-activating contexts from
-``FeatureActivations``) and ``scorers`` (correlation scoring as Bills et al. 2023, balanced
-accuracy for delphi's detection and fuzzing, bootstrap intervals). Still to come: the
-offline pattern explainer and simulator, the optional OpenAI-compatible LLM client, and
-notebook 06.
+- ``examples``: explain / score / quantile-band / random / non-activating context windows
+  of a feature, from ``FeatureActivations`` (no model rerun);
+- ``patterns``: the offline explainer and simulator (token patterns, N2G-like), and the
+  top-tokens-only reference explainer;
+- ``llm``: the same over any OpenAI-compatible chat-completions server (optional);
+- ``pipeline``: ``score_feature`` / ``score_features`` with any explainer and simulator;
+- ``scorers``: correlation, balanced accuracy, bootstrap intervals;
+- ``planted``: features with known rules, to check an explainer.
 """

@@ -7,9 +7,13 @@
 - ``score_bands``: the remaining activating contexts cut into ``n_bands`` bands of equal
   count by activation (quantiles, highest first), ``per_band`` drawn at random from each
   (delphi: 10 bands, so a score covers weak activations too, not only the top);
+- ``random``: contexts drawn at random from the rest, whatever the feature does there, as
+  many as ``score_top`` (Bills et al.'s top-and-random scoring: 1:1);
 - ``non_activating``: random contexts where the feature never fires, as many as the
-  activating ones scored unless asked otherwise (delphi; Bills's top-and-random scoring
-  uses random contexts 1:1 with the top ones).
+  activating ones scored unless asked otherwise (delphi's detection and fuzzing).
+
+Only contexts the collected rows cover completely are drawn as ``random`` or
+``non_activating``, so every scored token has its true activation.
 """
 
 from __future__ import annotations
@@ -29,15 +33,17 @@ class FeatureExamples(NamedTuple):
     """Other top-activating contexts, for scoring, strongest first."""
     score_bands: list[list[Example]]
     """Per activation band (highest first), contexts outside the two sets above."""
+    random: list[int]
+    """Context indices (``store.contexts()``) drawn at random outside ``explain`` and ``score_top``."""
     non_activating: list[int]
-    """Context indices (``store.contexts()``) where the feature never fires."""
+    """Context indices where the feature never fires."""
     missing: int
     """Examples asked for that the collected activations could not supply (0: all there)."""
 
 
 def sample_examples(acts: FeatureActivations, feature: int, n_explain: int = 10, n_score_top: int = 10,
                     n_bands: int = 10, per_band: int = 2, n_non_activating: int | None = None,
-                    seed: int = 0) -> FeatureExamples:
+                    n_random: int | None = None, seed: int = 0) -> FeatureExamples:
     """Examples of ``feature`` for explaining and scoring (sizes as in the module docstring).
     A feature that fires in fewer contexts than asked gets what exists, with ``missing``
     counting the shortfall; one that never fires raises ``ValueError``."""
@@ -59,16 +65,20 @@ def sample_examples(acts: FeatureActivations, feature: int, n_explain: int = 10,
         bands.append([peaks[i] for i in chosen])
     n_scored = len(score_idx) + sum(len(b) for b in bands)
     wanted_non = n_scored if n_non_activating is None else n_non_activating
-    covered = -(-acts.n_rows // acts.store.manifest.rows_per_context)
+    covered = acts.n_rows // acts.store.manifest.rows_per_context  # complete windows only
     silent = np.setdiff1d(np.arange(covered), [e.context for e in peaks])
     non_activating = np.sort(rng.choice(silent, min(wanted_non, len(silent)), replace=False)).tolist()
-    asked = n_explain + n_score_top + n_bands * per_band + wanted_non
-    got = len(explain_idx) + n_scored + len(non_activating)
+    wanted_random = n_score_top if n_random is None else n_random
+    others = np.setdiff1d(np.arange(covered), [peaks[i].context for i in explain_idx + score_idx])
+    random = np.sort(rng.choice(others, min(wanted_random, len(others)), replace=False)).tolist()
+    asked = n_explain + n_score_top + n_bands * per_band + wanted_non + wanted_random
+    got = len(explain_idx) + n_scored + len(non_activating) + len(random)
     return FeatureExamples(
         feature=int(feature),
         explain=[peaks[i] for i in explain_idx],
         score_top=[peaks[i] for i in score_idx],
         score_bands=bands,
+        random=[int(c) for c in random],
         non_activating=[int(c) for c in non_activating],
         missing=asked - got,
     )
