@@ -3,6 +3,7 @@
     python -m saelib run-notebooks [--profile smoke|default|full] [--only 00 02]
     python -m saelib harvest --hooks blocks.2.hook_resid_post [--model embedded] [--tokens 1000000]
     python -m saelib train STORE_FOLDER OUT_FOLDER [--architecture topk] [--d-sae 4096] [--k 32] [--tokens N]
+    python -m saelib autointerp SAE_FOLDER OUT.csv [--features all] [--explainer patterns|top-tokens|llm]
 
 The options of ``harvest`` and ``train`` are the fields of ``HarvestConfig``, ``SAEConfig``
 and ``TrainConfig`` (their docstrings are the help), so they cannot drift apart.
@@ -110,6 +111,57 @@ def _cmd_harvest(args) -> int:
     tokens_NL = token_windows(model, args.tokens, context_len=args.context_len, seed=args.seed)
     for store in harvest(model, tokens_NL, config_from_args(HarvestConfig, args)).values():
         print(f"{store.folder}: {store!r}")
+    return 0
+
+
+def _cmd_autointerp(args) -> int:
+    import numpy as np
+
+    from .autointerp.patterns import PatternExplainer, PatternSimulator, Vocabulary
+    from .autointerp.pipeline import score_features
+    from .autointerp.scorers import bootstrap_interval
+    from .features import FeatureActivations
+    from .files import write_text_atomic
+    from .harvest import harvest_sample
+    from .models import load_model
+    from .sae_io import load_sae
+
+    if not str(args.out).endswith(".csv"):
+        raise ValueError(f"output {args.out!r} should be a .csv file (one row per feature)")
+    sae = load_sae(args.sae)
+    model = load_model(sae.cfg.model_name or "embedded", device=args.device)
+    hook = sae.cfg.hook_name
+    store = harvest_sample(model, [hook], args.tokens, split=args.split, seed=args.seed)[hook]
+    acts = FeatureActivations.collect(sae.to(args.device), store)
+    live = np.flatnonzero(np.diff(acts.offsets_F1) > 0)
+    if args.features != "all":
+        count = int(args.features)
+        live = np.sort(np.random.default_rng(args.seed).choice(live, min(count, len(live)), replace=False))
+    if len(live) == 0:
+        raise ValueError(f"no latent of {args.sae} fires on the {acts.n_rows:,} tokens scored: nothing to explain "
+                         "(more --tokens, or check the SAE)")
+    vocabulary = Vocabulary.of_tokenizer(model.tokenizer)
+    if args.explainer == "llm":
+        from .autointerp.llm import ChatClient, LLMConfig, LLMExplainer, LLMSimulator
+
+        overrides = {k: v for k, v in {"base_url": args.llm_base_url, "model": args.llm_model}.items() if v}
+        client = ChatClient(LLMConfig(**overrides))
+        explainer, simulator = LLMExplainer(client, vocabulary), LLMSimulator(client, vocabulary)
+    else:
+        kinds = ("token",) if args.explainer == "top-tokens" else PatternExplainer(vocabulary).kinds
+        explainer, simulator = PatternExplainer(vocabulary, kinds=kinds), PatternSimulator(vocabulary)
+    scores = score_features(acts, live, explainer, simulator, seed=args.seed)
+    write_text_atomic(Path(args.out), scores.to_csv(index=False))
+    for scorer in ["correlation", "detection", "fuzzing"]:
+        values = scores[scorer].dropna()
+        if len(values):
+            mean, low, high = bootstrap_interval(values, seed=args.seed)
+            print(f"{scorer:12s} {mean:.3f} [{low:.3f}, {high:.3f}] over {len(values)} features")
+    failed = int((scores.failure != "").sum())
+    print(f"{len(scores)} features of {args.sae} scored on {acts.n_rows:,} {args.split} tokens -> {args.out}"
+          + (f"; {failed} failed (see the failure column)" if failed else ""))
+    if args.explainer == "llm":
+        print(client.usage)
     return 0
 
 
@@ -236,6 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, help="torch threads")
     tr.set_defaults(func=_cmd_train)
 
+    ai = sub.add_parser("autointerp", help="explain and score an SAE's features (offline, or with an LLM server)")
+    ai.add_argument("sae", help="SAE folder (cfg.json + sae_weights.safetensors) naming its model and hook")
+    ai.add_argument("out", help="CSV file: one row per feature (explanation, correlation, detection, fuzzing, counts)")
+    ai.add_argument("--features", default="all", help="'all' live features, or how many to draw at random")
+    ai.add_argument("--explainer", choices=["patterns", "top-tokens", "llm"], default="patterns",
+                    help="offline pattern explainer, its top-tokens-only reference, or an OpenAI-compatible LLM")
+    ai.add_argument("--tokens", type=int, default=100_000, help="tokens of shipped text to explain and score on")
+    ai.add_argument("--split", choices=["heldout", "train"], default="heldout", help="which part of the shipped text")
+    ai.add_argument("--llm-base-url", help="server root ending in /v1 (default: $SAELIB_LLM_BASE_URL)")
+    ai.add_argument("--llm-model", help="model name on that server (default: $SAELIB_LLM_MODEL)")
+    ai.add_argument("--seed", type=int, default=0, help="which windows and features")
+    ai.add_argument("--device", default="cpu")
+    ai.set_defaults(func=_cmd_autointerp)
+
     zoo = sub.add_parser("zoo", help="build the embedded default model").add_subparsers(dest="step", required=True)
     for name, func, text in [
         ("corpus", _cmd_zoo_corpus, "fetch the pinned sources, train the tokenizer, tokenize"),
@@ -282,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .autointerp.llm import LLMRequestError, LLMUnavailableError
     from .models import ModelNeedsNetworkError, UnknownHookError, UnknownModelError
     from .sae_io import SAEFormatError
     from .store import StoreError
@@ -291,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ModelNeedsNetworkError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
-            StaleCheckpointError, FileNotFoundError, ValueError) as err:
+            StaleCheckpointError, LLMUnavailableError, LLMRequestError, FileNotFoundError, ValueError) as err:
         # Errors that explain themselves: their message, without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2

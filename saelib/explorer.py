@@ -29,14 +29,18 @@ def headless() -> bool:
 
 
 class FeatureExplorer:
-    """Widgets over ``saes``: {name: (sae, FeatureActivations)} at hooks of ``model``."""
+    """Widgets over ``saes``: {name: (sae, FeatureActivations)} at hooks of ``model``;
+    ``explanations`` ({name: {feature: text}}, e.g. from ``saelib.autointerp``) appear in the
+    feature table and dashboards, and the search finds features by them."""
 
-    def __init__(self, model, saes: dict[str, tuple[object, FeatureActivations]], max_search_results: int = 20):
+    def __init__(self, model, saes: dict[str, tuple[object, FeatureActivations]], max_search_results: int = 20,
+                 explanations: dict[str, dict[int, str]] | None = None):
         if not saes:
             raise ValueError("give at least one SAE: {name: (sae, FeatureActivations)}")
         self.model = model
         self.saes = saes
         self.max_search_results = max_search_results
+        self.explanations = explanations or {}
         self._tables: dict[str, object] = {}
         self._widget = None
 
@@ -44,17 +48,20 @@ class FeatureExplorer:
     def table(self, name: str):
         """The feature table of SAE ``name`` (cached)."""
         if name not in self._tables:
-            self._tables[name] = self.saes[name][1].feature_table(self.model.tokenizer)
+            table = self.saes[name][1].feature_table(self.model.tokenizer)
+            table["explanation"] = table.feature.map(self.explanations.get(name, {})).fillna("")
+            self._tables[name] = table
         return self._tables[name]
 
     def search(self, name: str, query: str) -> list[int]:
-        """Features of SAE ``name`` whose most frequent tokens contain ``query`` (case-
-        insensitive, surrounding spaces ignored), most single-minded first."""
+        """Features of SAE ``name`` whose most frequent tokens or explanation contain ``query``
+        (case-insensitive, surrounding spaces ignored), most single-minded first."""
         query = query.strip().lower()
         if not query:
             return []
         table = self.table(name)
-        hits = table[table.top_tokens.map(lambda tokens: any(query in t.strip().lower() for t in tokens))]
+        in_tokens = table.top_tokens.map(lambda tokens: any(query in t.strip().lower() for t in tokens))
+        hits = table[in_tokens | table.explanation.str.lower().str.contains(query, regex=False)]
         return hits.sort_values("top_token_share", ascending=False).feature.head(self.max_search_results).tolist()
 
     @torch.no_grad()
@@ -81,7 +88,8 @@ class FeatureExplorer:
 
     def dashboard(self, name: str, feature: int):
         sae, acts = self.saes[name]
-        return feature_dashboard(acts, sae, self.model, feature, label=name)
+        return feature_dashboard(acts, sae, self.model, feature, label=name,
+                                 explanation=self.explanations.get(name, {}).get(feature, ""))
 
     # -- widgets -------------------------------------------------------------------------------
     @property

@@ -93,6 +93,18 @@ class FeatureActivations:
         """Firing frequency of every latent: [F] (share of the rows)."""
         return np.diff(self.offsets_F1) / max(1, self.n_rows)
 
+    def context_counts(self) -> np.ndarray:
+        """How many context windows each latent fires in: [F] (0 where it never fires)."""
+        contexts = self.rows // self.store.manifest.rows_per_context
+        starts = np.zeros(len(contexts), dtype=bool)
+        starts[1:] = contexts[1:] != contexts[:-1]
+        nonempty = np.diff(self.offsets_F1) > 0
+        starts[self.offsets_F1[:-1][nonempty]] = True  # each latent's first entry opens a context
+        out = np.zeros(self.d_sae, dtype=np.int64)
+        if nonempty.any():
+            out[nonempty] = np.add.reduceat(starts, self.offsets_F1[:-1][nonempty])
+        return out
+
     def max_activation(self) -> np.ndarray:
         """Largest activation of every latent (0 where it never fires): [F]."""
         out = np.zeros(self.d_sae, dtype=np.float32)

@@ -83,13 +83,17 @@ class FeatureDashboard:
     values: np.ndarray = field(repr=False)
     """All nonzero activations (for the histogram)."""
     logit_effects_V: np.ndarray = field(repr=False)
+    explanation: str = ""
+    """An autointerp explanation with its score (``saelib.autointerp``), shown under the title."""
 
     # -- pieces ------------------------------------------------------------------------------
     def header_html(self) -> str:
         tokens = ", ".join(f"<code>{_shown(t)}</code> ×{c}" for t, c in self.top_tokens[:6]) or "—"
         neighbours = ", ".join(f"#{f} ({c:.2f})" for f, c in self.neighbours) or "—"
+        explained = (f"<p class='saelib-explanation' style='margin:2px 0'><b>explanation:</b> {html.escape(self.explanation)}</p>"
+                     if self.explanation else "")
         return (f'<div class="saelib-dashboard-header"><h3 style="margin:4px 0">{html.escape(self.label)} · feature '
-                f"#{self.feature}</h3><p style='margin:2px 0'>fires on {self.density:.3%} of {self.n_rows:,} tokens "
+                f"#{self.feature}</h3>{explained}<p style='margin:2px 0'>fires on {self.density:.3%} of {self.n_rows:,} tokens "
                 f"(log10 density {np.log10(max(self.density, 1e-12)):.2f}) · max activation {self.max_activation:.3g}</p>"
                 f"<p style='margin:2px 0'>most frequent tokens: {tokens}</p>"
                 f"<p style='margin:2px 0'>nearest features by decoder cosine: {neighbours}</p></div>")
@@ -159,9 +163,10 @@ class FeatureDashboard:
 
 def feature_dashboard(acts: FeatureActivations, sae, model, feature: int, label: str = "SAE", n_top: int = 8,
                       n_bands: int = 4, per_band: int = 3, window: tuple[int, int] = (16, 4), n_logits: int = 8,
-                      seed: int = 0) -> FeatureDashboard:
+                      seed: int = 0, explanation: str = "") -> FeatureDashboard:
     """Build the dashboard of ``feature`` from ``acts`` (token windows ``window`` = tokens
-    before and after each example's peak)."""
+    before and after each example's peak); ``explanation`` (e.g. an autointerp explanation
+    and its score) is shown in the header."""
     tokenizer = model.tokenizer
 
     def in_context(examples: list[Example]):
@@ -184,4 +189,5 @@ def feature_dashboard(acts: FeatureActivations, sae, model, feature: int, label:
         promoted=[(decode_token(tokenizer, t), float(effects_V[t])) for t in promoted],
         suppressed=[(decode_token(tokenizer, t), float(effects_V[t])) for t in suppressed],
         neighbours=decoder_neighbours(sae, feature), values=values.copy(), logit_effects_V=effects_V.numpy(),
+        explanation=explanation,
     )

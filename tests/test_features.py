@@ -49,6 +49,8 @@ def test_sparse_record_equals_the_dense_encode(sae, store, acts):
     np.testing.assert_allclose(values, latents_NF[rows, feature], rtol=1e-6)
     probe = np.arange(len(store))
     np.testing.assert_allclose(acts.activation_at(feature, probe), latents_NF[:, feature], rtol=1e-6)
+    per_context_LF = (latents_NF != 0).reshape(-1, store.manifest.rows_per_context, 48).any(1)
+    np.testing.assert_array_equal(acts.context_counts(), per_context_LF.sum(0))
 
 
 def test_top_examples_are_the_largest_one_per_context(sae, store, acts):

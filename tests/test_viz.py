@@ -59,6 +59,9 @@ def test_dashboard_html_has_every_section(model, sae_and_acts):
     assert acts_L[peak] == pytest.approx(top_example.value) and top_example.value == pytest.approx(dashboard.max_activation)
     assert html.escape(tokens[peak].replace("\n", "↵").replace("\t", "→")) in page
     assert dashboard.top_tokens[0][1] >= 1 and len(dashboard.promoted) == 8
+    assert "saelib-explanation" not in page
+    explained = feature_dashboard(acts, sae, model, feature, explanation="fires on '<b>' (7) · r = 0.81").header_html()
+    assert "<b>explanation:</b> fires on &#x27;&lt;b&gt;&#x27; (7) · r = 0.81" in explained
 
 
 def test_saved_dashboard_is_a_standalone_offline_page(model, sae_and_acts, tmp_path):
@@ -83,6 +86,11 @@ def test_explorer_search_text_and_static_fallback(model, sae_and_acts, monkeypat
     assert "".join(tokens) == "The whale swam." and latents_LF.shape == (len(tokens), 64)
     assert (np.count_nonzero(latents_LF, axis=1) <= 4).all()
     assert "whale" in explorer.text_html("random", "The whale swam.", feature)
+    other = int(table.feature.iloc[0])
+    explained = FeatureExplorer(model, {"random": (sae, acts)}, explanations={"random": {other: "fires on 'zebra' (9)"}})
+    assert explained.search("random", "ZEBRA") == [other] and explorer.search("random", "zebra") == []
+    assert explained.table("random").set_index("feature").explanation[other] == "fires on 'zebra' (9)"
+    assert "fires on &#x27;zebra&#x27; (9)" in explained.dashboard("random", other).header_html()
 
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda obj, *a, **k: shown.append(obj))

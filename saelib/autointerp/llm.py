@@ -13,8 +13,9 @@ prediction at each token is the expected value over the 0..10 answers (Bills's
 "all at once" method); otherwise the numbers as written.
 
 Every reply is cached on disk under a hash of the request (URL, model, messages,
-parameters), so a rerun costs nothing. 429 and 5xx are retried with exponential backoff
-(``Retry-After`` honoured); an unreachable server raises ``LLMUnavailableError`` (stops the
+parameters), so a rerun costs nothing. 429, 5xx, timeouts and dropped connections are
+retried with exponential backoff (``Retry-After`` honoured); a refused connection is not
+(nothing listens there). An unreachable server raises ``LLMUnavailableError`` (stops the
 run: nothing would succeed); a reply that cannot be read raises ``LLMReplyError``, which
 ``score_features`` records as that feature's failure and moves on.
 """
@@ -162,7 +163,10 @@ class ChatClient:
                 raise LLMRequestError(f"{self.url} refused the request with HTTP {error.code}: {detail!r} "
                                       "(check the API key, the model name and the base URL)") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
-                last_problem = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+                reason = getattr(error, "reason", error)
+                last_problem = f"{type(error).__name__}: {reason}"
+                if isinstance(reason, ConnectionRefusedError):
+                    break  # nothing listens there: waiting will not change that
                 continue
             try:
                 reply = json.loads(raw)
@@ -171,7 +175,7 @@ class ChatClient:
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
                 raise LLMReplyError(f"{self.url} answered with something that is not a chat completion: "
                                     f"{raw[:120]!r}") from None
-        raise LLMUnavailableError(f"no answer from {self.url} after {self.config.max_retries + 1} tries "
+        raise LLMUnavailableError(f"no answer from {self.url} after {attempt + 1} tries "
                                   f"(last: {last_problem}); is the server running and the base URL right? "
                                   "Set SAELIB_LLM_BASE_URL, or use the offline explainer")
 

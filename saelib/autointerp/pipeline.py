@@ -134,9 +134,12 @@ def score_features(acts: FeatureActivations, features, explainer, simulator, see
     fired = np.diff(acts.offsets_F1) > 0
     features = [int(f) for f in features]
     live = [f for f in features if fired[f]]
-    rows = [score_feature(acts, f, explainer, simulator, seed=seed, **sizes)
-            for f in tqdm(live, desc=f"autointerp ({getattr(explainer, 'name', type(explainer).__name__)})",
-                          disable=not progress, leave=False)]
+    rows = []
+    with tqdm(total=len(live), desc=f"autointerp ({getattr(explainer, 'name', type(explainer).__name__)})",
+              disable=not progress, leave=False) as bar:  # closed (and cleared) even when a server error stops the run
+        for f in live:
+            rows.append(score_feature(acts, f, explainer, simulator, seed=seed, **sizes))
+            bar.update()
     frame = pd.DataFrame(rows, columns=FeatureScore._fields)
     frame.attrs["skipped_dead"] = len(features) - len(live)
     return frame
