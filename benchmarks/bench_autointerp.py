@@ -1,9 +1,9 @@
 """Offline autointerp speed: features explained and scored per second.
 
-    python benchmarks/bench_autointerp.py [--sae PATH] [--rows 100000] [--features all] [--explainer patterns]
+    python benchmarks/bench_autointerp.py [--sae PATH] [--tokens 100000] [--features all] [--explainer patterns]
 
-Runs the main SAE of notebook 03 (default profile) over ``--rows`` rows of its store
-(``FeatureActivations.collect``), then explains and scores every live feature (or the first
+Runs the main SAE of notebook 03 (default profile) over ``--tokens`` of held-out text, as
+notebook 06 does (``FeatureActivations.collect``), then explains and scores every live feature (or the first
 ``--features``) with the offline pattern explainer and simulator at notebook 06's example
 sizes, and prints the time of each phase, features per second and the score's mean.
 Target (DESIGN.md): all 4096 features of the main SAE in under 2 minutes on 2 cores.
@@ -30,7 +30,7 @@ SIZES = dict(n_explain=10, n_score_top=10, n_bands=10, per_band=2)  # notebook 0
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sae", help="SAE folder (default: notebook 03's main SAE, default profile)")
-    parser.add_argument("--rows", type=int, default=100_000, help="store rows the SAE is run over")
+    parser.add_argument("--tokens", type=int, default=100_000, help="held-out tokens the SAE is run over")
     parser.add_argument("--features", default="all", help="'all' live features, or how many (the first N live ones)")
     parser.add_argument("--explainer", choices=["patterns", "top tokens"], default="patterns")
     args = parser.parse_args()
@@ -38,11 +38,10 @@ def main() -> None:
     trained = load_results("03_train_saes", "embedded") if args.sae is None else None
     sae = load_sae(args.sae or trained["main_sae"])
     model = load_model(sae.cfg.model_name or "embedded")
-    n_tokens = trained["n_tokens"] if trained else 500_000
-    store = harvest_sample(model, [sae.cfg.hook_name], n_tokens, seed=0)[sae.cfg.hook_name]
+    store = harvest_sample(model, [sae.cfg.hook_name], args.tokens, split="heldout", seed=0)[sae.cfg.hook_name]
 
     started = time.perf_counter()
-    acts = FeatureActivations.collect(sae, store, args.rows)
+    acts = FeatureActivations.collect(sae, store)
     collect_s = time.perf_counter() - started
     live = np.flatnonzero(np.diff(acts.offsets_F1) > 0)
     features = live if args.features == "all" else live[: int(args.features)]

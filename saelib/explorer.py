@@ -49,7 +49,8 @@ class FeatureExplorer:
         """The feature table of SAE ``name`` (cached)."""
         if name not in self._tables:
             table = self.saes[name][1].feature_table(self.model.tokenizer)
-            table["explanation"] = table.feature.map(self.explanations.get(name, {})).fillna("")
+            explained = self.explanations.get(name, {})
+            table["explanation"] = [explained.get(int(f), "") for f in table.feature]
             self._tables[name] = table
         return self._tables[name]
 
