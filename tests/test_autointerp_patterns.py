@@ -100,6 +100,10 @@ def test_bad_input_is_recorded_not_raised(planted, vocabulary):
     assert np.isnan(empty.correlation) and "empty explanation" in empty.failure
     unreadable = score_feature(planted, 0, Unreadable(), simulator)
     assert np.isnan(unreadable.correlation) and "ExplanationSyntaxError" in unreadable.failure
+    # A feature that never fires is skipped and counted, not scored as zero.
+    with_dead = planted_activations(planted.store, [on_token(-5), on_token(vocabulary.first_id[" the"])])
+    scores = score_features(with_dead, [0, 1], PatternExplainer(vocabulary), simulator, progress=False)
+    assert scores.feature.tolist() == [1] and scores.attrs["skipped_dead"] == 1
     # A rare feature is scored on what exists; the shortfall is counted.
     rare = score_feature(planted, 1, PatternExplainer(vocabulary), simulator, n_explain=200, n_score_top=200)
     assert rare.missing > 0 and not np.isnan(rare.correlation)
