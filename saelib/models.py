@@ -1,8 +1,15 @@
 """Load language models as TransformerLens ``HookedTransformer``s, and check hook names.
 
-``load_model("embedded")`` loads the small model shipped in ``data/`` (no network);
-any TransformerLens pretrained name (``"pythia-70m-deduped"``, ``"gpt2"``) downloads
-weights from the Hugging Face hub and fails with a clear message when offline.
+``load_model`` takes one of three things:
+
+- ``"embedded"``: the small model shipped in ``data/`` (no network);
+- a local Hugging Face checkpoint folder (``config.json``, safetensors weights and a
+  tokenizer), e.g. one saved with ``save_pretrained`` on a machine with no network: loaded
+  through TransformerLens's own conversion for that architecture, exactly as a download is;
+- a TransformerLens pretrained name (``"pythia-70m-deduped"``, ``"gpt2"``): downloads weights
+  from the Hugging Face hub once (or reads its cache, also with ``HF_HUB_OFFLINE=1``) and
+  fails with a clear message when it cannot.
+
 ``randomize_weights`` builds the random-weight controls of notebook 08.
 """
 
@@ -12,6 +19,7 @@ import copy
 import difflib
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -45,13 +53,72 @@ def _default_device() -> str:
 def load_model(name: str = EMBEDDED, device: str | None = None):
     """A ``HookedTransformer`` in eval mode.
 
-    ``name``: ``"embedded"`` for the model in ``data/``, or a TransformerLens pretrained
-    name such as ``"pythia-70m-deduped"`` or ``"gpt2"`` (needs network access once).
+    ``name``: ``"embedded"`` for the model in ``data/``, a local checkpoint folder, or a
+    TransformerLens pretrained name such as ``"pythia-70m-deduped"`` or ``"gpt2"`` (needs
+    network access once).
     """
     device = device or _default_device()
+    name = str(name)
     if name == EMBEDDED:
         return load_embedded(device=device)
+    if is_local_path(name):
+        return load_checkpoint_folder(name, device=device)
     return load_pretrained(name, device=device)
+
+
+def is_local_path(name: str) -> bool:
+    """True when ``name`` means a folder on disk: it exists, or is written as a path
+    (absolute, ``./``, ``../``, ``~``), not as a hub name such as ``EleutherAI/pythia-70m``."""
+    return Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~"))
+
+
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def load_checkpoint_folder(folder: str | Path, device: str = "cpu"):
+    """A Hugging Face causal-LM checkpoint folder as a ``HookedTransformer``: the weights are
+    read by ``transformers`` (safetensors only) and converted by TransformerLens's loader for
+    that architecture, with the same weight processing as ``from_pretrained`` (LayerNorm
+    folded, writing weights and unembedding centred), so hook names and activations are
+    those of the downloaded model."""
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist (MODEL names a folder on disk, an existing "
+                                "checkpoint saved with save_pretrained, or use 'embedded' / a pretrained name)")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json: it is not a Hugging Face checkpoint folder "
+                                "(save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder))")
+    if not any((folder / f).exists() for f in CHECKPOINT_WEIGHTS):
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        raise FileNotFoundError(
+            f"{folder} has no safetensors weights ({' or '.join(CHECKPOINT_WEIGHTS)})"
+            + (f"; it has {', '.join(pickles)}, which saelib does not load (pickles can run code): re-save with "
+               "model.save_pretrained(folder, safe_serialization=True)" if pickles else ""))
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): "
+                                "save it beside the weights with tokenizer.save_pretrained(folder)")
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                    torch_dtype=torch.float32)
+    try:
+        cfg = loading.get_pretrained_model_config(str(folder), fold_ln=True, device=device, local_files_only=True)
+        state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model)
+    except (NotImplementedError, ValueError, KeyError) as err:
+        import transformer_lens
+
+        architecture = (hf_model.config.architectures or [type(hf_model).__name__])[0]
+        raise UnknownModelError(f"{folder}: TransformerLens {getattr(transformer_lens, '__version__', '')} cannot "
+                                f"convert architecture {architecture} ({err})") from None
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True,
+                                      fold_value_biases=True)
+    model.move_model_modules_to_device()
+    return model.eval()
 
 
 def load_embedded(device: str = "cpu"):

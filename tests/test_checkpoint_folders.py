@@ -1,0 +1,70 @@
+"""Real architectures from a local folder, as a machine with no network gets them: tiny random
+GPT-2 and GPT-NeoX checkpoints written by ``transformers`` load through TransformerLens's own
+conversion with the Hugging Face model's predictions, and bad folders are refused by name."""
+
+import pytest
+import torch
+
+from saelib.data import token_windows
+from saelib.harvest import harvest_sample
+from saelib.models import UnknownModelError, is_local_path, load_model
+from saelib.zoo.checkpoints import make_checkpoint, train_small_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_small_tokenizer(vocab_size=1024, n_windows=200)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox"])
+def checkpoint(request, tokenizer, tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp(request.param), request.param, tokenizer=tokenizer)
+
+
+def test_folder_loads_with_the_hugging_face_models_predictions(checkpoint, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(str(checkpoint), device="cpu")
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, use_safetensors=True).eval()
+    tokens = model.to_tokens("The whale swam past the ship, and Ishmael watched it go.")
+    # TransformerLens's convention per architecture: GPT-2 with BOS, GPT-NeoX (Pythia) without
+    assert bool(tokens[0, 0] == tokenizer.bos_token_id) == model.cfg.default_prepend_bos and tokens.shape[1] > 8
+    with torch.no_grad():
+        ours = model(tokens).log_softmax(-1)  # the unembedding is centred: compare log-probabilities
+        theirs = reference(tokens).logits.log_softmax(-1)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert model.cfg.n_layers == 2 and "blocks.1.hook_resid_post" in model.hook_dict
+
+
+def test_shipped_text_is_retokenised_for_the_folders_tokenizer(checkpoint, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_ARTIFACTS", str(tmp_path))
+    model = load_model(str(checkpoint), device="cpu")
+    windows = token_windows(model, 16 * 64, context_len=64, seed=0)
+    assert windows.shape == (16, 64) and int(windows.max()) < len(tokenizer)
+    assert (windows[:, 0] == tokenizer.bos_token_id).all()
+    text = tokenizer.decode(windows[0, 1:].tolist())
+    assert len(text) > 100 and "\ufffd" not in text[10:-10]  # real text, cut at token boundaries
+    store = harvest_sample(model, ["blocks.0.hook_resid_post"], 16 * 64, context_len=64)["blocks.0.hook_resid_post"]
+    assert store.d_in == model.cfg.d_model and len(store) == 16 * 63
+
+
+def test_bad_folders_are_refused_by_name(tmp_path, checkpoint):
+    assert is_local_path("./x") and is_local_path(str(tmp_path)) and not is_local_path("EleutherAI/pythia-70m")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((checkpoint / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin, which saelib does not load"):
+        load_model(str(pickled))
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ["config.json", "model.safetensors"]:
+        (no_tokenizer / name).write_bytes((checkpoint / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        load_model(str(no_tokenizer))
+    assert issubclass(UnknownModelError, ValueError)
