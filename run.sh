@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # saelib's two entry points, for a fresh machine or an existing environment:
 #   bash run.sh all    run every notebook in order (default profile) -> executed/, reports/, results/
-#   bash run.sh test   pytest + every notebook through nbmake with SAELIB_PROFILE=smoke
+#   bash run.sh test   pytest + every notebook through nbmake with SAELIB_PROFILE=smoke, then the
+#                      model notebooks again on a random-weight GPT-2 checkpoint folder
+#   bash run.sh all --model NAME_OR_FOLDER   every notebook on another model
 # With a conda or virtual environment active that already has saelib, that one is used;
 # otherwise ./.venv is created (torch==2.13.0 first, so pip does not pull a CUDA build
 # where a local CPU wheel exists) and the package is installed into it with its dev extras.
@@ -47,7 +49,17 @@ case "$cmd" in
     export SAELIB_HEADLESS=1
     # Generous per-cell limit: a notebook cell that takes 30 s alone can take minutes on a
     # machine shared with other jobs (small-op torch code slows down sharply there).
-    exec "$PY" -m pytest tests --nbmake --nbmake-timeout=1800 notebooks "$@"
+    "$PY" -m pytest tests --nbmake --nbmake-timeout=1800 notebooks "$@"
+    # The real-model path, offline: the model notebooks again on a random-weight GPT-2
+    # checkpoint folder (written by transformers, loaded as a download is), selected by the
+    # one switch every notebook reads. Its artifacts live apart from the embedded model's.
+    stand_in=build/stand_in
+    rm -rf "$stand_in"
+    "$PY" -m saelib zoo checkpoint "$stand_in/gpt2" --architecture gpt2 >/dev/null
+    SAELIB_MODEL="$PWD/$stand_in/gpt2" SAELIB_ARTIFACTS="$PWD/$stand_in/artifacts" SAELIB_RESULTS="$PWD/$stand_in/results" \
+      "$PY" -m pytest --nbmake --nbmake-timeout=1800 -q \
+      notebooks/00_quickstart.ipynb notebooks/02_harvest_activations.ipynb notebooks/03_train_saes.ipynb \
+      notebooks/04_evaluate_saes.ipynb notebooks/05_feature_dashboards.ipynb notebooks/07_ioi_feature_replacement.ipynb
     ;;
   *)
     echo "usage: bash run.sh all|test [extra args]" >&2

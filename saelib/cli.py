@@ -1,6 +1,6 @@
 """``python -m saelib ...``: long jobs from a shell.
 
-    python -m saelib run-notebooks [--profile smoke|default|full] [--only 00 02]
+    python -m saelib run-notebooks [--profile smoke|default|full] [--only 00 02] [--model NAME_OR_FOLDER]
     python -m saelib harvest --hooks blocks.2.hook_resid_post [--model embedded] [--tokens 1000000]
     python -m saelib train STORE_FOLDER OUT_FOLDER [--architecture topk] [--d-sae 4096] [--k 32] [--tokens N]
     python -m saelib autointerp SAE_FOLDER OUT.csv [--features all] [--explainer patterns|top-tokens|llm]
@@ -11,6 +11,7 @@ and ``TrainConfig`` (their docstrings are the help), so they cannot drift apart.
     python -m saelib zoo train       # train the embedded LM (resumable; re-run to resume)
     python -m saelib zoo export      # copy the trained weights into data/
     python -m saelib zoo card        # measure quality, write data/MODEL_CARD.md
+    python -m saelib zoo checkpoint OUT [--architecture gpt2|gpt_neox]   # tiny random real-architecture folder
 """
 
 from __future__ import annotations
@@ -92,9 +93,16 @@ def config_from_args(cls, args, **fixed):
 def _cmd_run_notebooks(args) -> int:
     if args.profile:
         os.environ["SAELIB_PROFILE"] = args.profile
+    if args.model:
+        from .models import EMBEDDED, is_local_path
+
+        if args.model != EMBEDDED and is_local_path(args.model) and not Path(args.model).expanduser().is_dir():
+            raise FileNotFoundError(f"--model {args.model}: no such checkpoint folder")
+        # an absolute path, so notebooks (run in notebooks/) find a relative folder too
+        os.environ["SAELIB_MODEL"] = str(Path(args.model).expanduser().resolve()) if is_local_path(args.model) else args.model
     from .report import run_all
 
-    table = run_all(only=args.only, timeout=args.timeout)
+    table = run_all(only=args.only, timeout=args.timeout, model=os.environ.get("SAELIB_MODEL"))
     return 0 if bool(table["ok"].all()) else 1
 
 
@@ -245,6 +253,15 @@ def _cmd_zoo_export(args) -> int:
     return 0
 
 
+def _cmd_zoo_checkpoint(args) -> int:
+    from .zoo.checkpoints import make_checkpoint
+
+    folder = make_checkpoint(args.out, args.architecture, n_layers=args.n_layers, d_model=args.d_model, seed=args.seed)
+    print(f"{folder}: random-weight {args.architecture} checkpoint ({args.n_layers} layers, d_model {args.d_model}); "
+          f"try `bash run.sh all --model {folder} --profile smoke`")
+    return 0
+
+
 def _cmd_zoo_card(args) -> int:
     from .zoo.quality import write_model_card
 
@@ -264,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", choices=["smoke", "default", "full"], help="sets SAELIB_PROFILE")
     run.add_argument("--only", nargs="*", help="notebook name prefixes to run (default: all)")
     run.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    run.add_argument("--model", help="model of every notebook: 'embedded' (default), a TransformerLens pretrained "
+                                     "name, or a local Hugging Face checkpoint folder (sets SAELIB_MODEL)")
     run.set_defaults(func=_cmd_run_notebooks)
 
     hv = sub.add_parser("harvest", help="store activations of hook points (resumes an interrupted run)")
@@ -303,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     ai.set_defaults(func=_cmd_autointerp)
 
     zoo = sub.add_parser("zoo", help="build the embedded default model").add_subparsers(dest="step", required=True)
+    ck = zoo.add_parser("checkpoint", help="save a tiny random-weight GPT-2 or GPT-NeoX checkpoint folder (offline "
+                                           "stand-in for a downloaded model, to try the real-model path)")
+    ck.add_argument("out", help="folder to write (config.json, model.safetensors, tokenizer files)")
+    ck.add_argument("--architecture", choices=["gpt2", "gpt_neox"], default="gpt2")
+    ck.add_argument("--n-layers", type=int, default=2)
+    ck.add_argument("--d-model", type=int, default=64)
+    ck.add_argument("--seed", type=int, default=0)
+    ck.set_defaults(func=_cmd_zoo_checkpoint)
     for name, func, text in [
         ("corpus", _cmd_zoo_corpus, "fetch the pinned sources, train the tokenizer, tokenize"),
         ("train", _cmd_zoo_train, "train (or resume training) the embedded LM"),

@@ -72,6 +72,24 @@ def is_local_path(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~"))
 
 
+RANDOM_STAND_IN_FLAG = "saelib_random_weights"
+"""Set in the config.json of ``saelib.zoo.checkpoints`` folders: random weights, for testing only."""
+
+
+def is_random_stand_in(name: str) -> bool:
+    """True for a checkpoint folder written by ``saelib.zoo.checkpoints`` (random weights): a
+    stand-in for a real model's *format*, about whose language skills nothing can be claimed."""
+    import json
+
+    if not name or name == EMBEDDED or not is_local_path(str(name)):
+        return False
+    config = Path(name).expanduser() / "config.json"
+    try:
+        return bool(json.loads(config.read_text()).get(RANDOM_STAND_IN_FLAG))
+    except (OSError, ValueError):
+        return False
+
+
 CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 

@@ -52,6 +52,25 @@ def in_ci() -> bool:
     return env_flag("CI")
 
 
+def model_name(default: str = "embedded") -> str:
+    """The model a notebook runs on: ``$SAELIB_MODEL`` when set (``bash run.sh all --model
+    NAME`` sets it for every notebook), else ``default``. A notebook's ``parameters`` cell
+    calls this, so one switch moves every notebook and the cell still takes an override."""
+    return os.environ.get("SAELIB_MODEL", "").strip() or default
+
+
+def trained_model(model: str | None) -> bool:
+    """False only for a random-weight stand-in checkpoint (``python -m saelib zoo checkpoint``):
+    notebooks check their claims about a *trained* language model (it predicts text, does
+    IOI, ...) only when this is True, and their claims about the pipeline always."""
+    from .models import is_random_stand_in
+
+    stand_in = is_random_stand_in(model or "")
+    if stand_in:
+        print(f"[saelib] {model} is a random-weight stand-in: claims about a trained model are not checked")
+    return not stand_in
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -38,10 +38,15 @@ def results_folder(model: str | None, profile: str | None = None) -> Path:
 
 
 def path_label(model: str | None) -> str:
-    """A model name as one folder name: ``embedded``, ``pythia-70m-deduped``, a local
-    checkpoint folder's path with ``/`` turned into ``__``; ``no-model`` for None."""
+    """A model name as one folder name: ``embedded``, ``pythia-70m-deduped``,
+    ``EleutherAI__pythia-70m`` for a hub name, a local checkpoint folder's own name (as
+    TransformerLens names the model it loads from there); ``no-model`` for None."""
     if not model:
         return "no-model"
+    from .models import is_local_path
+
+    if is_local_path(str(model)):
+        return Path(str(model)).expanduser().resolve().name
     return str(model).strip("/").replace("/", "__").replace("\\", "__")
 
 
@@ -54,12 +59,12 @@ def sae_folder(model_name: str, hook: str, name: str, profile: str | None = None
     """Where a trained SAE is saved: one folder per (profile, model, hook point, run name)
     under ``<artifacts>/saes``, holding ``cfg.json`` and ``sae_weights.safetensors``. The run
     profile (default: the active one) keeps a quick smoke run from replacing real results."""
-    return artifacts_dir() / "saes" / _profile_name(profile) / model_name / hook / name
+    return artifacts_dir() / "saes" / _profile_name(profile) / path_label(model_name) / hook / name
 
 
 def run_folder(model_name: str, hook: str, name: str, profile: str | None = None) -> Path:
     """Checkpoints and ``metrics.jsonl`` of a training run (resumable), laid out as ``sae_folder``."""
-    return artifacts_dir() / "runs" / _profile_name(profile) / model_name / hook / name
+    return artifacts_dir() / "runs" / _profile_name(profile) / path_label(model_name) / hook / name
 
 
 def _profile_name(profile: str | None) -> str:

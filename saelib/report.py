@@ -131,14 +131,22 @@ def run_all(
     only: list[str] | None = None,
     out_dir: str | Path | None = None,
     timeout: int = 3600,
+    model: str | None = None,
 ) -> pd.DataFrame:
-    """Run the notebooks in order (``only``: name prefixes to keep); returns the run table."""
+    """Run the notebooks in order (``only``: name prefixes to keep); returns the run table.
+    With a ``model`` other than the embedded one, executed notebooks and reports go to
+    ``by_model/<model>/executed/`` and ``by_model/<model>/reports/``, beside the main job's."""
     out_dir = Path(out_dir or project_root())
+    if model and model != "embedded":
+        from .paths import path_label
+
+        out_dir = out_dir / "by_model" / path_label(model)
     runs = []
     for path in notebook_paths():
         if only and not any(path.stem.startswith(prefix) for prefix in only):
             continue
-        print(f"[saelib] running {path.name} (profile {os.environ.get('SAELIB_PROFILE', 'default')})", flush=True)
+        print(f"[saelib] running {path.name} (profile {os.environ.get('SAELIB_PROFILE', 'default')}, "
+              f"model {model or os.environ.get('SAELIB_MODEL') or 'embedded'})", flush=True)
         run = run_notebook(path, out_dir / "executed", out_dir / "reports", timeout=timeout)
         print(f"[saelib]   {'ok' if run['ok'] else 'FAILED'} in {run['seconds']} s" + (f": {run['error']}" if run["error"] else ""), flush=True)
         runs.append(run)

@@ -63,3 +63,24 @@ def test_results_of_one_profile_or_model_never_replace_another(monkeypatch, tmp_
     assert nb.load_results("98_demo", "embedded")["main_sae"] == 2
     with pytest.raises(FileNotFoundError, match="run notebooks/98_demo.ipynb first with MODEL = 'gpt2' and SAELIB_PROFILE=smoke"):
         nb.load_results("98_demo", "gpt2")
+
+
+def test_one_variable_sets_every_notebooks_model_and_folders_get_their_own_label(monkeypatch, tmp_path):
+    from saelib.paths import path_label, results_folder, sae_folder
+
+    monkeypatch.delenv("SAELIB_MODEL", raising=False)
+    assert nb.model_name() == "embedded"
+    monkeypatch.setenv("SAELIB_MODEL", "pythia-70m-deduped")
+    assert nb.model_name() == "pythia-70m-deduped"
+    folder = tmp_path / "my-gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"saelib_random_weights": True}))
+    assert path_label(str(folder)) == "my-gpt2" and path_label("EleutherAI/pythia-70m") == "EleutherAI__pythia-70m"
+    monkeypatch.setenv("SAELIB_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("SAELIB_RESULTS", str(tmp_path / "results"))
+    # An absolute model path must not send SAEs or results into (or next to) the checkpoint itself.
+    assert sae_folder(str(folder), "blocks.0.hook_resid_post", "x").is_relative_to(tmp_path / "artifacts")
+    assert results_folder(str(folder)).is_relative_to(tmp_path / "results")
+    assert nb.trained_model(str(folder)) is False and nb.trained_model("embedded") is True
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert nb.trained_model(str(folder)) is True  # a real checkpoint: claims are checked

@@ -5,11 +5,12 @@ A downloaded ``gpt2`` and ``make_checkpoint(folder, "gpt2")`` differ only in siz
 weights: the same ``transformers`` class writes the folder, and ``load_model(folder)``
 converts it with TransformerLens's own loader for that architecture. The tokenizer is a
 byte-level BPE trained here on the shipped text (not the embedded model's), so text is
-re-tokenised as it is for any real model.
+re-tokenised as it is for any real model; the IOI name pool is added as whole tokens.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,9 @@ def train_small_tokenizer(vocab_size: int = 2048, n_windows: int = 400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
+    # The IOI name pool as whole tokens (as in GPT-2's vocabulary), so notebook 07 can build its prompts.
+    names = json.loads((data_dir() / "name_pool.json").read_text())["names"]
+    tokenizer.add_tokens([" " + name.strip() for name in names])
     return as_transformers(tokenizer, name="saelib-small-bpe")
 
 
@@ -55,6 +59,9 @@ def make_checkpoint(folder: str | Path, architecture: str = "gpt2", n_layers: in
         config = GPTNeoXConfig(num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads,
                                intermediate_size=4 * d_model, max_position_embeddings=n_ctx, rotary_pct=0.25,
                                use_parallel_residual=True, tie_word_embeddings=False, **special)
+    from ..models import RANDOM_STAND_IN_FLAG
+
+    setattr(config, RANDOM_STAND_IN_FLAG, True)  # saved in config.json: notebooks skip trained-model claims
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     folder = Path(folder)
