@@ -125,7 +125,7 @@ def _cmd_harvest(args) -> int:
 def _cmd_autointerp(args) -> int:
     import numpy as np
 
-    from .autointerp.patterns import PatternExplainer, PatternSimulator, Vocabulary
+    from .autointerp.patterns import KINDS, PatternExplainer, PatternSimulator, Vocabulary
     from .autointerp.pipeline import score_features
     from .autointerp.scorers import bootstrap_interval
     from .features import FeatureActivations
@@ -156,7 +156,7 @@ def _cmd_autointerp(args) -> int:
         client = ChatClient(LLMConfig(**overrides))
         explainer, simulator = LLMExplainer(client, vocabulary), LLMSimulator(client, vocabulary)
     else:
-        kinds = ("token",) if args.explainer == "top-tokens" else PatternExplainer(vocabulary).kinds
+        kinds = ("token",) if args.explainer == "top-tokens" else KINDS
         explainer, simulator = PatternExplainer(vocabulary, kinds=kinds), PatternSimulator(vocabulary)
     scores = score_features(acts, live, explainer, simulator, seed=args.seed)
     write_text_atomic(Path(args.out), scores.to_csv(index=False))
