@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import special_token_ids
-from .models import check_hook_name, hook_layer, model_fingerprint
+from .models import check_hook_name, hook_layer, model_fingerprint, model_signature
 from .paths import artifacts_dir
 from .store import ActivationStore, StoreManifest
 from .store_writer import StoreWriter
@@ -94,10 +94,14 @@ def stop_layer(model, hooks: list[str]) -> int | None:
 def _capture(model, tokens_BL: torch.Tensor, hooks: list[str], stop: int | None) -> dict[str, torch.Tensor]:
     captured: dict[str, torch.Tensor] = {}
 
-    def keep(act, hook):
-        captured[hook.name] = act
+    def keeper(name: str):
+        # Keyed by the name asked for, not hook.name: TransformerBridge calls a hook by its
+        # canonical name (blocks.1.hook_out) when it was asked for by an alias (hook_resid_post).
+        def keep(act, hook):
+            captured[name] = act
+        return keep
 
-    model.run_with_hooks(tokens_BL, fwd_hooks=[(h, keep) for h in hooks], stop_at_layer=stop, return_type=None)
+    model.run_with_hooks(tokens_BL, fwd_hooks=[(h, keeper(h)) for h in hooks], stop_at_layer=stop, return_type=None)
     return captured
 
 
@@ -123,7 +127,7 @@ def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str 
     device = model.cfg.device
     # One short pass tells each hook's width.
     probe = _capture(model, tokens_NL[:1, : first_position + 1].to(device), hooks, stop)
-    fingerprint = model_fingerprint(model)
+    fingerprint, signature = model_fingerprint(model), model_signature(model)
     itemsize = np.dtype(cfg.dtype).itemsize
     writers = {}
     for hook in hooks:
@@ -131,6 +135,7 @@ def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str 
         manifest = StoreManifest(
             model=model_name or model_label(model),
             model_fingerprint=fingerprint,
+            model_signature=signature,
             hook=hook,
             d_in=d_in,
             dtype=cfg.dtype,

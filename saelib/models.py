@@ -1,4 +1,11 @@
-"""Load language models as TransformerLens ``HookedTransformer``s, and check hook names.
+"""Load language models through TransformerLens, and check hook names.
+
+One small adapter serves both TransformerLens lines: ``HookedTransformer`` (3.x) and
+``TransformerBridge`` in compatibility mode (3.9 and 4.x; 4.0 removed ``HookedTransformer``).
+Both expose the same hook names (``blocks.2.hook_resid_post``), ``run_with_hooks``,
+``run_with_cache``, ``to_tokens`` and ``cfg``, which is all the rest of saelib uses. The
+backend is ``HookedTransformer`` where it exists and the bridge otherwise;
+``SAELIB_TL_BACKEND=bridge`` (or ``backend="bridge"``) picks the bridge on 3.9 too.
 
 ``load_model`` takes one of three things:
 
@@ -24,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .paths import data_dir
-from .zoo.lm import LMConfig, to_hooked_transformer
+from .zoo.lm import LMConfig, to_hooked_transformer, to_transformer_bridge, transformer_bridge_class
 from .zoo.tokenizer import load_tokenizer
 
 EMBEDDED = "embedded"
@@ -50,20 +57,65 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name: str = EMBEDDED, device: str | None = None):
-    """A ``HookedTransformer`` in eval mode.
+BACKEND_ENV = "SAELIB_TL_BACKEND"
+BACKENDS = ("hooked", "bridge")
+
+
+def transformer_lens_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformer-lens")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def has_hooked_transformer() -> bool:
+    """True where TransformerLens still has ``HookedTransformer`` (the 3.x line)."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tl_backend(backend: str | None = None) -> str:
+    """The model class to load into: ``"hooked"`` (``HookedTransformer``) or ``"bridge"``
+    (``TransformerBridge``). ``backend`` or ``$SAELIB_TL_BACKEND``; unset or ``"auto"`` means
+    ``HookedTransformer`` where it exists, else the bridge."""
+    choice = (backend or os.environ.get(BACKEND_ENV, "") or "auto").strip().lower()
+    if choice not in BACKENDS + ("auto",):
+        raise ValueError(f"TransformerLens backend {choice!r} (from {'backend=' if backend else BACKEND_ENV}): "
+                         f"use one of {', '.join(BACKENDS)} or auto")
+    if choice == "auto":
+        return "hooked" if has_hooked_transformer() else "bridge"
+    if choice == "hooked" and not has_hooked_transformer():
+        raise ImportError(f"TransformerLens {transformer_lens_version()} has no HookedTransformer (removed in 4.0): "
+                          f"use the bridge backend (unset {BACKEND_ENV} or set it to 'bridge')")
+    return choice
+
+
+def load_model(name: str = EMBEDDED, device: str | None = None, backend: str | None = None):
+    """A TransformerLens model in eval mode: a ``HookedTransformer`` or a ``TransformerBridge``
+    in compatibility mode (see ``tl_backend``), with the same hook names either way.
 
     ``name``: ``"embedded"`` for the model in ``data/``, a local checkpoint folder, or a
     TransformerLens pretrained name such as ``"pythia-70m-deduped"`` or ``"gpt2"`` (needs
     network access once).
     """
     device = device or _default_device()
+    backend = tl_backend(backend)
     name = str(name)
     if name == EMBEDDED:
-        return load_embedded(device=device)
+        return load_embedded(device=device, backend=backend)
     if is_local_path(name):
-        return load_checkpoint_folder(name, device=device)
-    return load_pretrained(name, device=device)
+        return load_checkpoint_folder(name, device=device, backend=backend)
+    return load_pretrained(name, device=device, backend=backend)
+
+
+def is_bridge(model) -> bool:
+    """True for a ``TransformerBridge`` (as opposed to a ``HookedTransformer``)."""
+    return any(cls.__name__ == "TransformerBridge" for cls in type(model).__mro__)
 
 
 def is_local_path(name: str) -> bool:
@@ -94,7 +146,7 @@ CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
-def load_checkpoint_folder(folder: str | Path, device: str = "cpu"):
+def load_checkpoint_folder(folder: str | Path, device: str = "cpu", backend: str | None = None):
     """A Hugging Face causal-LM checkpoint folder as a ``HookedTransformer``: the weights are
     read by ``transformers`` (safetensors only) and converted by TransformerLens's loader for
     that architecture, with the same weight processing as ``from_pretrained`` (LayerNorm
@@ -116,21 +168,31 @@ def load_checkpoint_folder(folder: str | Path, device: str = "cpu"):
     if not any((folder / f).exists() for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): "
                                 "save it beside the weights with tokenizer.save_pretrained(folder)")
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                                     torch_dtype=torch.float32)
+    architecture = (hf_model.config.architectures or [type(hf_model).__name__])[0]
+    if tl_backend(backend) == "bridge":
+        try:
+            model = transformer_bridge_class().boot_transformers(str(folder), hf_model=hf_model, tokenizer=tokenizer,
+                                                            device=device)
+        except (NotImplementedError, ValueError, KeyError) as err:
+            raise UnknownModelError(f"{folder}: TransformerLens {transformer_lens_version()} TransformerBridge cannot "
+                                    f"load architecture {architecture} ({err})") from None
+        # HookedTransformer's load-time processing (LayerNorm folded, writing weights and
+        # unembedding centred), so activations match the HookedTransformer path.
+        model.enable_compatibility_mode(disable_warnings=True)
+        return model.eval()
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
     try:
         cfg = loading.get_pretrained_model_config(str(folder), fold_ln=True, device=device, local_files_only=True)
         state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model)
     except (NotImplementedError, ValueError, KeyError) as err:
-        import transformer_lens
-
-        architecture = (hf_model.config.architectures or [type(hf_model).__name__])[0]
-        raise UnknownModelError(f"{folder}: TransformerLens {getattr(transformer_lens, '__version__', '')} cannot "
+        raise UnknownModelError(f"{folder}: TransformerLens {transformer_lens_version()} cannot "
                                 f"convert architecture {architecture} ({err})") from None
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True,
@@ -139,7 +201,7 @@ def load_checkpoint_folder(folder: str | Path, device: str = "cpu"):
     return model.eval()
 
 
-def load_embedded(device: str = "cpu"):
+def load_embedded(device: str = "cpu", backend: str | None = None):
     """The project's own small model from ``data/`` (safetensors weights, never pickles)."""
     folder = data_dir()
     missing = [f for f in EMBEDDED_FILES if not (folder / f).exists()]
@@ -154,7 +216,14 @@ def load_embedded(device: str = "cpu"):
 
     cfg = LMConfig.load(folder / "config.json")
     tokenizer = load_tokenizer(folder / "tokenizer.json")
-    return to_hooked_transformer(load_file(folder / "model.safetensors"), cfg, tokenizer, device)
+    return to_transformer_lens(load_file(folder / "model.safetensors"), cfg, tokenizer, device, backend)
+
+
+def to_transformer_lens(state_dict: dict, cfg: LMConfig, tokenizer=None, device: str = "cpu",
+                        backend: str | None = None):
+    """LeanGPT / embedded-model weights as a TransformerLens model of the chosen backend."""
+    load = to_hooked_transformer if tl_backend(backend) == "hooked" else to_transformer_bridge
+    return load(state_dict, cfg, tokenizer, device)
 
 
 def _suggest(name: str, candidates, n: int = 3) -> str:
@@ -170,10 +239,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_pretrained(name: str, device: str = "cpu"):
+def load_pretrained(name: str, device: str = "cpu", backend: str | None = None):
     """A TransformerLens pretrained model, with clear errors for unknown names and no network."""
-    from transformer_lens import HookedTransformer
-    from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, get_official_model_name
+    try:  # TransformerLens 4 moved the name list out of the deleted loading module
+        from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES, get_official_model_name
+    except ImportError:
+        from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, get_official_model_name
 
     try:
         official = get_official_model_name(name)
@@ -184,6 +255,12 @@ def load_pretrained(name: str, device: str = "cpu"):
             f"(e.g. 'pythia-70m-deduped', 'gpt2').{_suggest(name, short_names + [EMBEDDED])}"
         ) from None
     try:
+        if tl_backend(backend) == "bridge":
+            model = transformer_bridge_class().boot_transformers(official, device=device)
+            model.enable_compatibility_mode(disable_warnings=True)
+            return model.eval()
+        from transformer_lens import HookedTransformer
+
         return HookedTransformer.from_pretrained(official, device=device)
     except Exception as err:  # the hub client raises many types when offline
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not _hub_reachable()
@@ -215,7 +292,7 @@ def hook_layer(hook_name: str) -> int | None:
     return int(parts[1]) if parts[0] == "blocks" and len(parts) > 2 and parts[1].isdigit() else None
 
 
-_EMBEDDING_PREFIXES = ("embed.", "pos_embed.", "unembed.")
+_EMBEDDING_MODULES = ("embed", "pos_embed", "unembed")
 
 
 @torch.no_grad()
@@ -229,8 +306,12 @@ def randomize_weights(model, keep_embeddings: bool = False, seed: int = 0):
     """
     clone = copy.deepcopy(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    # Found by module, not by parameter name: TransformerBridge names its parameters after the
+    # wrapped model (tok_embed._original_component.weight), HookedTransformer after itself.
+    kept = {id(p) for attr in _EMBEDDING_MODULES if getattr(clone, attr, None) is not None
+            for p in getattr(clone, attr).parameters()} if keep_embeddings else set()
     for name, param in clone.named_parameters():
-        if keep_embeddings and name.startswith(_EMBEDDING_PREFIXES):
+        if id(param) in kept:
             continue
         mean, std = param.float().mean(), param.float().std() if param.numel() > 1 else torch.tensor(0.0)
         fresh = torch.randn(param.shape, generator=generator) * std + mean
@@ -256,3 +337,43 @@ def model_fingerprint(model) -> str:
         digest.update(name.encode())
         digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+SIGNATURE_POSITIONS = 8
+SIGNATURE_TOKENS = 8
+SIGNATURE_TOLERANCE = 1e-3
+"""Largest difference (nats) between two signatures of one model: the backends and devices
+differ by ~1e-5, models that differ at all by far more."""
+
+
+@torch.no_grad()
+def model_signature(model) -> list[float]:
+    """What the model computes, in 64 numbers: log-probabilities of 8 fixed vocabulary ids at
+    the first 8 positions of a fixed pseudo-random token sequence.
+
+    ``model_fingerprint`` hashes the weights as this backend holds them, so the same model
+    loaded as a ``HookedTransformer`` and as a ``TransformerBridge`` (or with LayerNorm
+    folded) hashes differently; the signature is equal to float error (``same_model``)."""
+    cfg = model.cfg
+    n = min(SIGNATURE_POSITIONS, cfg.n_ctx)
+    generator = torch.Generator().manual_seed(1234)
+    tokens_1S = torch.randint(0, cfg.d_vocab, (1, n), generator=generator)
+    vocab_ids = torch.randint(0, cfg.d_vocab, (SIGNATURE_TOKENS,), generator=generator)
+    logits_SV = model(tokens_1S.to(cfg.device), return_type="logits")[0].float()
+    logprobs = torch.log_softmax(logits_SV, dim=-1)[:, vocab_ids.to(logits_SV.device)]
+    return [round(float(v), 6) for v in logprobs.flatten().cpu()]
+
+
+def same_model(model, fingerprint: str, signature: list[float] | None = None) -> bool:
+    """True when ``model`` is the model recorded as ``fingerprint`` (and ``signature``):
+    the weights hash equal, or, across backends, the signatures agree to
+    ``SIGNATURE_TOLERANCE``. Records without a signature need the exact hash."""
+    if model_fingerprint(model) == fingerprint:
+        return True
+    return signatures_match(model_signature(model), signature)
+
+
+def signatures_match(a: list[float] | None, b: list[float] | None) -> bool:
+    if not a or not b or len(a) != len(b):
+        return False
+    return max(abs(x - y) for x, y in zip(a, b)) <= SIGNATURE_TOLERANCE

@@ -64,14 +64,17 @@ def sae_hook(sae, with_error: bool = False, skip_bos: bool = True, edit: LatentE
              record: dict | None = None, untouched: Untouched | None = None):
     """A TransformerLens forward hook that puts ``sae``'s reconstruction in place of the
     activation. ``edit`` may change the latents first; ``record`` (a dict) receives the
-    latents [batch, pos, d_sae] under the hook's name; ``untouched`` marks more positions
+    latents [batch, pos, d_sae] under the SAE's hook name; ``untouched`` marks more positions
     to leave clean (special tokens)."""
+    # The SAE's own name, not hook.name: TransformerBridge calls a hook asked for by an alias
+    # (blocks.1.hook_resid_post) under its canonical name (blocks.1.hook_out).
+    name = sae.cfg.hook_name
 
     def hook_fn(act: torch.Tensor, hook) -> torch.Tensor:
         x_BLD = _flat(act)
         latents_BLF = sae.encode(x_BLD.to(sae.W_enc.dtype))
         if record is not None:
-            record[hook.name] = latents_BLF
+            record[name or hook.name] = latents_BLF
         recon_BLD = sae.decode(latents_BLF)
         if edit is not None:
             edited_BLD = sae.decode(edit(latents_BLF.clone(), hook))

@@ -103,6 +103,10 @@ class StoreManifest:
     mean_sq_norm: float = 0.0
     """Running mean squared L2 norm (for fraction-of-variance computations)."""
     format_version: int = FORMAT_VERSION
+    model_signature: list[float] | None = None
+    """``saelib.models.model_signature``: what the model computes on a fixed probe, so the
+    same model loaded through another TransformerLens backend (whose weights hash
+    differently) is still recognised. Absent in stores written before it existed."""
 
     @property
     def rows_per_context(self) -> int:
@@ -243,9 +247,9 @@ class ActivationStore:
         if model_name is not None and model_name != m.model:
             raise StoreMismatchError(f"store {self.folder} was harvested from model {m.model!r}, not {model_name!r}")
         if model is not None:
-            from .models import model_fingerprint
+            from .models import model_fingerprint, same_model
 
-            if model_fingerprint(model) != m.model_fingerprint:
+            if not same_model(model, m.model_fingerprint, m.model_signature):
                 raise StoreMismatchError(
                     f"store {self.folder} was harvested from a different model ({m.model!r}, weights "
                     f"{m.model_fingerprint}) than the one loaded (weights {model_fingerprint(model)}); "

@@ -94,7 +94,11 @@ class StoreWriter:
         self._sum_sq_norm = self.manifest.mean_sq_norm * self.start_row
 
     def _resume(self, old: StoreManifest, new: StoreManifest) -> StoreManifest:
+        from .models import signatures_match
+
         for name in ("model", "model_fingerprint", "hook", "d_in", "dtype", "shard_rows", "context_len", "first_position", "contexts_sha256"):
+            if name == "model_fingerprint" and signatures_match(old.model_signature, new.model_signature):
+                continue  # the same model through another TransformerLens backend
             if getattr(old, name) != getattr(new, name):
                 raise StoreMismatchError(
                     f"{self.folder} holds a store with {name}={getattr(old, name)!r}, but this harvest has "
@@ -111,7 +115,8 @@ class StoreWriter:
             except CorruptShardError:
                 break
             good += 1
-        if good < len(old.shards):
+        truncated = good < len(old.shards)
+        if truncated:
             dropped = old.shards[good:]
             old.shards = old.shards[:good]
             old.complete = False
@@ -119,10 +124,11 @@ class StoreWriter:
             old.mean, old.mean_norm, old.mean_sq_norm = _stats_of(reader)
             for info in dropped:
                 (self.folder / info.file).unlink(missing_ok=True)
-        changed = (good < len(old.shards) or old.n_contexts != new.n_contexts
-                   or old.special_token_ids != new.special_token_ids)
+        changed = (truncated or old.n_contexts != new.n_contexts or old.special_token_ids != new.special_token_ids
+                   or (old.model_signature is None and new.model_signature is not None))
         old.n_contexts = new.n_contexts
         old.special_token_ids = new.special_token_ids  # stores from before the field get it
+        old.model_signature = old.model_signature or new.model_signature  # likewise
         self.manifest = old
         if changed:  # a finished, intact store is only read: other processes may be reading it too
             self._write_manifest()

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from saelib.zoo.lm import LeanGPT, LMConfig, to_hooked_transformer
+from saelib.models import to_transformer_lens
+from saelib.zoo.lm import LeanGPT, LMConfig
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +23,9 @@ def tiny_lean(tiny_cfg) -> LeanGPT:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_lean, tiny_cfg):
-    """A random-init HookedTransformer stand-in (not the embedded model)."""
-    return to_hooked_transformer(tiny_lean.state_dict(), tiny_cfg)
+    """A random-init stand-in (not the embedded model), as a ``HookedTransformer`` or a
+    ``TransformerBridge`` as ``SAELIB_TL_BACKEND`` and the installed TransformerLens choose."""
+    return to_transformer_lens(tiny_lean.state_dict(), tiny_cfg)
 
 
 @pytest.fixture(scope="session")

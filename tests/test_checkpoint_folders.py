@@ -7,7 +7,7 @@ import torch
 
 from saelib.data import token_windows
 from saelib.harvest import harvest_sample
-from saelib.models import is_local_path, load_model
+from saelib.models import has_hooked_transformer, is_local_path, load_model, model_signature, signatures_match
 from saelib.zoo.checkpoints import make_checkpoint, train_small_tokenizer
 
 
@@ -34,6 +34,22 @@ def test_folder_loads_with_the_hugging_face_models_predictions(checkpoint, token
         theirs = reference(tokens).logits.log_softmax(-1)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert model.cfg.n_layers == 2 and "blocks.1.hook_resid_post" in model.hook_dict
+
+
+@pytest.mark.skipif(not has_hooked_transformer(), reason="TransformerLens 4 has no HookedTransformer to compare with")
+def test_both_backends_see_the_same_activations(checkpoint):
+    hooked = load_model(str(checkpoint), device="cpu", backend="hooked")
+    bridge = load_model(str(checkpoint), device="cpu", backend="bridge")
+    hooks = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.1.mlp.hook_post",
+             "blocks.1.hook_resid_post"]
+    tokens = hooked.to_tokens("The whale swam past the ship, and Ishmael watched it go.")
+    assert torch.equal(bridge.to_tokens("The whale swam past the ship, and Ishmael watched it go."), tokens)
+    with torch.no_grad():
+        _, hooked_cache = hooked.run_with_cache(tokens, names_filter=hooks)
+        _, bridge_cache = bridge.run_with_cache(tokens, names_filter=hooks)
+    for hook in hooks:  # the same load-time processing (LayerNorm folded, writing weights centred)
+        torch.testing.assert_close(bridge_cache[hook], hooked_cache[hook], atol=1e-4, rtol=1e-4, msg=hook)
+    assert signatures_match(model_signature(bridge), model_signature(hooked))
 
 
 def test_shipped_text_is_retokenised_for_the_folders_tokenizer(checkpoint, tokenizer, tmp_path, monkeypatch):

@@ -264,17 +264,94 @@ class LeanGPT(nn.Module):
 
 
 def to_hooked_transformer(state_dict: dict, cfg: LMConfig, tokenizer=None, device="cpu"):
-    """Load LeanGPT weights into an (unprocessed) ``HookedTransformer``."""
+    """Load LeanGPT weights into an (unprocessed) ``HookedTransformer`` (TransformerLens 3.x)."""
     from transformer_lens import HookedTransformer
 
     model = HookedTransformer(cfg.hooked_config(device), tokenizer=tokenizer, move_to_device=True)
-    missing, unexpected = model.load_state_dict(
-        {k: v.to(device) for k, v in state_dict.items()}, strict=False
-    )
+    try:
+        missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in state_dict.items()}, strict=False)
+    except RuntimeError as err:  # size mismatches
+        raise ValueError(f"weights do not match the config: {err}") from None
     # HookedTransformer keeps its causal mask, IGNORE value and rotary tables as buffers;
     # nothing else may be missing.
     real_missing = [k for k in missing if not k.endswith((".mask", ".IGNORE", ".rotary_sin", ".rotary_cos"))]
     if real_missing or unexpected:
         raise ValueError(f"weights do not match the config: missing {real_missing}, unexpected {unexpected}")
+    model.eval()
+    return model
+
+
+def halves_to_adjacent_pairs(d_head: int) -> torch.Tensor:
+    """Index map from our rotary layout (dimension i pairs with i + d_head/2) to the
+    adjacent-pair layout ((2i, 2i+1) rotate together) of TransformerBridge's native model:
+    new dimension 2i is old i, new 2i+1 is old i + d_head/2. A query-key dot product is
+    unchanged when queries and keys are permuted alike."""
+    half = d_head // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+
+
+def bridge_state_dict(state_dict: dict, cfg: LMConfig) -> dict:
+    """LeanGPT / ``HookedTransformer`` weights in the layout of TransformerBridge's native
+    model (``nn.Linear`` [out, in] weights, heads flattened, rotary pairs adjacent)."""
+    H, E = cfg.n_heads, cfg.d_head
+    order = halves_to_adjacent_pairs(E) if cfg.rotary else torch.arange(E)
+    out = {"embed.weight": state_dict["embed.W_E"]}
+    if not cfg.rotary:
+        out["pos_embed.weight"] = state_dict["pos_embed.W_pos"]
+    for layer in range(cfg.n_layers):
+        tl, br = f"blocks.{layer}.", f"blocks.{layer}."
+        for norm in ("ln1", "ln2"):
+            out[f"{br}{norm}.weight"] = state_dict[f"{tl}{norm}.w"]
+            out[f"{br}{norm}.bias"] = state_dict[f"{tl}{norm}.b"]
+        for name in ("Q", "K", "V"):
+            W_HDE, b_HE = state_dict[f"{tl}attn.W_{name}"], state_dict[f"{tl}attn.b_{name}"]
+            if name in ("Q", "K"):  # only queries and keys are rotated
+                W_HDE, b_HE = W_HDE[..., order], b_HE[..., order]
+            out[f"{br}attn.{name.lower()}.weight"] = W_HDE.permute(0, 2, 1).reshape(H * E, -1)
+            out[f"{br}attn.{name.lower()}.bias"] = b_HE.reshape(H * E)
+        out[f"{br}attn.o.weight"] = state_dict[f"{tl}attn.W_O"].reshape(H * E, -1).T
+        out[f"{br}attn.o.bias"] = state_dict[f"{tl}attn.b_O"]
+        out[f"{br}mlp.in.weight"] = state_dict[f"{tl}mlp.W_in"].T
+        out[f"{br}mlp.in.bias"] = state_dict[f"{tl}mlp.b_in"]
+        out[f"{br}mlp.out.weight"] = state_dict[f"{tl}mlp.W_out"].T
+        out[f"{br}mlp.out.bias"] = state_dict[f"{tl}mlp.b_out"]
+    out["ln_final.weight"] = state_dict["ln_final.w"]
+    out["ln_final.bias"] = state_dict["ln_final.b"]
+    out["unembed.weight"] = state_dict["unembed.W_U"].T
+    out["unembed.bias"] = state_dict["unembed.b_U"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def transformer_bridge_class():
+    """TransformerLens's ``TransformerBridge`` with its ``boot_*`` constructors attached
+    (TransformerLens 4 attaches them when its ``sources`` package is imported)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        import transformer_lens.model_bridge.sources  # noqa: F401
+    except ImportError:  # 3.9 defines them on the class itself
+        pass
+    return TransformerBridge
+
+
+def to_transformer_bridge(state_dict: dict, cfg: LMConfig, tokenizer=None, device="cpu"):
+    """Load LeanGPT weights into a TransformerLens ``TransformerBridge`` (3.9 and 4.x) built
+    natively from the config, in compatibility mode with no weight processing: the same
+    hook names and the same activations as ``to_hooked_transformer``, except that
+    ``hook_q``/``hook_k`` list each head's dimensions in adjacent-pair order."""
+    native = dict(
+        n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp,
+        n_ctx=cfg.n_ctx, d_vocab=cfg.d_vocab, act_fn=cfg.act_fn, normalization_type="LN",
+        positional_embedding_type=cfg.positional_embedding_type, default_prepend_bos=True,
+    )
+    if cfg.rotary:
+        native.update(rotary_dim=cfg.d_head, rotary_base=cfg.rotary_base)
+    model = transformer_bridge_class().boot_native(native, tokenizer=tokenizer, device=device, dtype=torch.float32,
+                                          model_name="saelib-embedded")
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in bridge_state_dict(state_dict, cfg).items()}, strict=True)
+    except (KeyError, RuntimeError) as err:
+        raise ValueError(f"weights do not match the config: {err}") from None
+    model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
     model.eval()
     return model
