@@ -1,5 +1,6 @@
 """The activation store: round-trip, atomic shards, resume, corruption and mismatch errors."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -121,6 +122,9 @@ def test_resume_rewrites_from_the_first_damaged_shard(tmp_path, acts_ND):
     contexts = np.arange(10 * CONTEXT_LEN, dtype=np.int32).reshape(10, CONTEXT_LEN)
     writer = StoreWriter(folder, make_manifest(10), contexts)
     assert writer.start_row == 21 and not writer.done
+    # the manifest on disk no longer lists the dropped shards, even before anything is appended
+    on_disk = StoreManifest.from_json((folder / "manifest.json").read_text())
+    assert on_disk.n_rows == 21 and all((folder / info.file).exists() for info in on_disk.shards)
     writer.seek(20)
     writer.append(acts_ND[20:])
     store = writer.close()
@@ -164,6 +168,25 @@ def test_resuming_with_other_settings_is_refused(tmp_path, acts_ND):
     with pytest.raises(StoreMismatchError, match="contexts_sha256"):
         StoreWriter(tmp_path / "s", make_manifest(10), contexts + 1)
     StoreWriter(tmp_path / "s", other, contexts, overwrite=True).close()
+
+
+def test_the_same_model_through_another_backend_may_resume(tmp_path, acts_ND):
+    # Another TransformerLens backend hashes the same weights differently; a matching model
+    # signature (what the model computes) identifies it. A different signature is refused.
+    signature = [0.5] * 64
+    folder = tmp_path / "s"
+    first = make_manifest(10)
+    first.model_signature = signature
+    contexts = np.arange(10 * CONTEXT_LEN, dtype=np.int32).reshape(10, CONTEXT_LEN)
+    writer = StoreWriter(folder, first, contexts)
+    writer.append(acts_ND)
+    writer.close()
+    other_backend = dataclasses.replace(make_manifest(10), model_fingerprint="another-hash",
+                                        model_signature=[v + 1e-5 for v in signature])
+    assert torch.equal(StoreWriter(folder, other_backend, contexts).close().rows(0, 40), acts_ND)
+    other_model = dataclasses.replace(other_backend, model_signature=[v + 0.1 for v in signature])
+    with pytest.raises(StoreMismatchError, match="model_fingerprint"):
+        StoreWriter(folder, other_model, contexts)
 
 
 def test_missing_store_says_to_harvest(tmp_path):
