@@ -10,6 +10,7 @@ and ``TrainConfig`` (their docstrings are the help), so they cannot drift apart.
     python -m saelib zoo corpus      # fetch sources, train the tokenizer, tokenize
     python -m saelib zoo train       # train the embedded LM (resumable; re-run to resume)
     python -m saelib zoo export      # copy the trained weights into data/
+    python -m saelib zoo hf-export OUT  # the embedded model as a transformers (GPT-NeoX) checkpoint
     python -m saelib zoo card        # measure quality, write data/MODEL_CARD.md
     python -m saelib zoo checkpoint OUT [--architecture gpt2|gpt_neox]   # tiny random real-architecture folder
 """
@@ -253,6 +254,19 @@ def _cmd_zoo_export(args) -> int:
     return 0
 
 
+def _cmd_zoo_hf_export(args) -> int:
+    from .zoo.hf_export import export_embedded_to_hf
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} exists and is not empty: give a new folder for the checkpoint")
+    folder = export_embedded_to_hf(out)
+    print(f"{folder}: the embedded model as a GPT-NeoX transformers checkpoint (hidden size widened to carry the "
+          "unembedding bias; logits equal to saelib's). Load it with AutoModelForCausalLM.from_pretrained, "
+          "TransformerLens, or MODEL=<this folder>.")
+    return 0
+
+
 def _cmd_zoo_checkpoint(args) -> int:
     from .zoo.checkpoints import make_checkpoint
 
@@ -330,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--d-model", type=int, default=64)
     ck.add_argument("--seed", type=int, default=0)
     ck.set_defaults(func=_cmd_zoo_checkpoint)
+    hx = zoo.add_parser("hf-export", help="write the embedded model as a standard Hugging Face transformers "
+                                          "checkpoint folder (GPT-NeoX, logits equal to saelib's)")
+    hx.add_argument("out", help="new folder to write (config.json, model.safetensors, tokenizer files)")
+    hx.set_defaults(func=_cmd_zoo_hf_export)
     for name, func, text in [
         ("corpus", _cmd_zoo_corpus, "fetch the pinned sources, train the tokenizer, tokenize"),
         ("train", _cmd_zoo_train, "train (or resume training) the embedded LM"),
