@@ -2,11 +2,14 @@
 # saelib's two entry points, for a fresh machine or an existing environment:
 #   bash run.sh all    run every notebook in order (default profile) -> executed/, reports/, results/
 #   bash run.sh test   pytest + every notebook through nbmake with SAELIB_PROFILE=smoke, then the
-#                      model notebooks again on a random-weight GPT-2 checkpoint folder
+#                      model notebooks again on a random-weight GPT-2 checkpoint folder, then the
+#                      test suite and notebook 00 again under TransformerLens 4 (./.venv-tl4)
 #   bash run.sh all --model NAME_OR_FOLDER   every notebook on another model
 # With a conda or virtual environment active that already has saelib, that one is used;
 # otherwise ./.venv is created (torch==2.13.0 first, so pip does not pull a CUDA build
-# where a local CPU wheel exists) and the package is installed into it with its dev extras.
+# where a local CPU wheel exists) and the package is installed into it with its dev extras
+# and TransformerLens 3.9, the line SAELens 6 (used by the interop tests) still needs.
+# saelib itself runs on TransformerLens 3.9 and 4.x (pyproject admits both).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,6 +17,16 @@ cd "$(dirname "$0")"
 # TransformerLens and torch in ways a CPU install cannot follow, so it goes in without its
 # dependencies; the two small ones it imports at load time are named here.
 SAELENS_PKGS=("sae-lens==6.54.12" "simple-parsing==0.1.9" "docstring-parser==0.18.0")
+TL3="transformer-lens>=3.9,<4"
+TL4="transformer-lens>=4,<5"
+
+# make_venv DIR TRANSFORMER_LENS_SPEC: a virtual environment with saelib (editable, dev extras)
+make_venv() {
+  python3 -m venv "$1"
+  "$1/bin/python" -m pip install -q --upgrade pip
+  "$1/bin/python" -m pip install -q "torch==2.13.0"
+  "$1/bin/python" -m pip install -q -e ".[dev]" "$2"
+}
 
 ensure_env() {
   if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && python -c "import saelib, pytest, nbmake" 2>/dev/null; then
@@ -21,10 +34,7 @@ ensure_env() {
   else
     if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import saelib, pytest, nbmake" 2>/dev/null; then
       echo "[saelib] creating .venv (one-off, a few minutes)"
-      python3 -m venv .venv
-      .venv/bin/python -m pip install -q --upgrade pip
-      .venv/bin/python -m pip install -q "torch==2.13.0"
-      .venv/bin/python -m pip install -q -e ".[dev]"
+      make_venv .venv "$TL3"
     fi
     PY=.venv/bin/python
   fi
@@ -60,6 +70,19 @@ case "$cmd" in
       "$PY" -m pytest --nbmake --nbmake-timeout=1800 -q \
       notebooks/00_quickstart.ipynb notebooks/02_harvest_activations.ipynb notebooks/03_train_saes.ipynb \
       notebooks/04_evaluate_saes.ipynb notebooks/05_feature_dashboards.ipynb notebooks/07_ioi_feature_replacement.ipynb
+    # TransformerLens 4 (no HookedTransformer; saelib loads every model as a TransformerBridge):
+    # the test suite and the quickstart again in a second environment. SAELens needs
+    # TransformerLens <4, so its interop tests are left out there.
+    if [ ! -x .venv-tl4/bin/python ] || ! .venv-tl4/bin/python -c "import saelib, pytest, nbmake, importlib.metadata as m, sys
+sys.exit(int(m.version('transformer-lens').split('.')[0]) < 4)" 2>/dev/null; then
+      echo "[saelib] creating .venv-tl4 with $TL4 (one-off, a few minutes)"
+      make_venv .venv-tl4 "$TL4"
+    fi
+    tl4=build/tl4
+    rm -rf "$tl4"
+    SAELIB_ALLOW_NO_SAELENS=1 SAELIB_ARTIFACTS="$PWD/$tl4/artifacts" SAELIB_RESULTS="$PWD/$tl4/results" \
+      .venv-tl4/bin/python -m pytest --nbmake --nbmake-timeout=1800 -q -p no:cacheprovider \
+      --deselect tests/test_browser.py tests notebooks/00_quickstart.ipynb
     ;;
   *)
     echo "usage: bash run.sh all|test [extra args]" >&2
