@@ -1,6 +1,6 @@
 """``python -m saelib ...``: long jobs from a shell.
 
-    python -m saelib run-notebooks [--profile smoke|default|full] [--only 00 02] [--model NAME_OR_FOLDER]
+    python -m saelib run-notebooks [--profile smoke|default|full] [--only 00 02] [--model NAME_OR_FOLDER] [--text DATASET]
     python -m saelib harvest --hooks blocks.2.hook_resid_post [--model embedded] [--tokens 1000000]
     python -m saelib train STORE_FOLDER OUT_FOLDER [--architecture topk] [--d-sae 4096] [--k 32] [--tokens N]
     python -m saelib autointerp SAE_FOLDER OUT.csv [--features all] [--explainer patterns|top-tokens|llm]
@@ -101,6 +101,12 @@ def _cmd_run_notebooks(args) -> int:
             raise FileNotFoundError(f"--model {args.model}: no such checkpoint folder")
         # an absolute path, so notebooks (run in notebooks/) find a relative folder too
         os.environ["SAELIB_MODEL"] = str(Path(args.model).expanduser().resolve()) if is_local_path(args.model) else args.model
+    if args.text:
+        from .data import EMBEDDED_TEXT
+
+        # a local path made absolute, so notebooks (run in notebooks/) find it too
+        local = args.text != EMBEDDED_TEXT and Path(args.text).expanduser().exists()
+        os.environ["SAELIB_TEXT"] = str(Path(args.text).expanduser().resolve()) if local else args.text
     from .report import run_all
 
     table = run_all(only=args.only, timeout=args.timeout, model=os.environ.get("SAELIB_MODEL"))
@@ -117,7 +123,7 @@ def _cmd_harvest(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device)
-    tokens_NL = token_windows(model, args.tokens, context_len=args.context_len, seed=args.seed)
+    tokens_NL = token_windows(model, args.tokens, context_len=args.context_len, seed=args.seed, text=args.text)
     for store in harvest(model, tokens_NL, config_from_args(HarvestConfig, args)).values():
         print(f"{store.folder}: {store!r}")
     return 0
@@ -297,11 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     run.add_argument("--model", help="model of every notebook: 'embedded' (default), a TransformerLens pretrained "
                                      "name, or a local Hugging Face checkpoint folder (sets SAELIB_MODEL)")
+    run.add_argument("--text", help="text of every notebook: 'embedded' (the shipped sample, default), a Hugging Face "
+                                    "dataset name streamed from the hub, or local .jsonl/.txt/.parquet files (sets SAELIB_TEXT)")
     run.set_defaults(func=_cmd_run_notebooks)
 
     hv = sub.add_parser("harvest", help="store activations of hook points (resumes an interrupted run)")
     hv.add_argument("--model", default="embedded", help="'embedded' or a TransformerLens pretrained name")
-    hv.add_argument("--tokens", type=int, default=1_000_000, help="tokens to run (from the shipped sample text)")
+    hv.add_argument("--tokens", type=int, default=1_000_000, help="tokens to run (from the shipped sample text, or --text)")
+    hv.add_argument("--text", help="a Hugging Face text dataset or local .jsonl/.txt/.parquet files instead of the shipped sample")
     hv.add_argument("--context-len", type=int, default=128, help="tokens per window, BOS included")
     hv.add_argument("--seed", type=int, default=0, help="which windows of the sample text")
     hv.add_argument("--device", default="cpu")
@@ -394,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .autointerp.llm import LLMRequestError, LLMUnavailableError
+    from .data import TextNeedsNetworkError
     from .models import ModelNeedsNetworkError, UnknownHookError, UnknownModelError
     from .sae_io import SAEFormatError
     from .store import StoreError
@@ -402,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelNeedsNetworkError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
+    except (ModelNeedsNetworkError, TextNeedsNetworkError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
             StaleCheckpointError, LLMUnavailableError, LLMRequestError, FileNotFoundError, ValueError) as err:
         # Errors that explain themselves: their message, without a traceback.
         print(f"error: {err}", file=sys.stderr)
