@@ -143,6 +143,14 @@ def is_random_stand_in(name: str) -> bool:
 
 
 CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+SUPPORTED_HINT = ("saelib reads a folder through TransformerLens, so use an architecture it supports "
+                  "(GPT-2, GPT-NeoX/Pythia, GPT-Neo, Llama, Mistral, Gemma, OPT, ...)")
+
+
+def _first_sentence(err: Exception) -> str:
+    """The start of an error message (TransformerBridge's lists every architecture it knows)."""
+    text = str(err).strip()
+    return text.split(". ")[0].rstrip(".")[:200]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
@@ -180,7 +188,7 @@ def load_checkpoint_folder(folder: str | Path, device: str = "cpu", backend: str
                                                             device=device)
         except (NotImplementedError, ValueError, KeyError) as err:
             raise UnknownModelError(f"{folder}: TransformerLens {transformer_lens_version()} TransformerBridge cannot "
-                                    f"load architecture {architecture} ({err})") from None
+                                    f"load architecture {architecture} ({_first_sentence(err)}); {SUPPORTED_HINT}") from None
         # HookedTransformer's load-time processing (LayerNorm folded, writing weights and
         # unembedding centred), so activations match the HookedTransformer path.
         model.enable_compatibility_mode(disable_warnings=True)
@@ -193,7 +201,7 @@ def load_checkpoint_folder(folder: str | Path, device: str = "cpu", backend: str
         state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model)
     except (NotImplementedError, ValueError, KeyError) as err:
         raise UnknownModelError(f"{folder}: TransformerLens {transformer_lens_version()} cannot "
-                                f"convert architecture {architecture} ({err})") from None
+                                f"convert architecture {architecture} ({_first_sentence(err)}); {SUPPORTED_HINT}") from None
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True,
                                       fold_value_biases=True)

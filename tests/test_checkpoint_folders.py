@@ -7,7 +7,14 @@ import torch
 
 from saelib.data import token_windows
 from saelib.harvest import harvest_sample
-from saelib.models import has_hooked_transformer, is_local_path, load_model, model_signature, signatures_match
+from saelib.models import (
+    UnknownModelError,
+    has_hooked_transformer,
+    is_local_path,
+    load_model,
+    model_signature,
+    signatures_match,
+)
 from saelib.zoo.checkpoints import make_checkpoint, train_small_tokenizer
 
 
@@ -83,3 +90,48 @@ def test_bad_folders_are_refused_by_name(tmp_path, checkpoint):
         (no_tokenizer / name).write_bytes((checkpoint / name).read_bytes())
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         load_model(str(no_tokenizer))
+
+
+BACKENDS = ["bridge"] + (["hooked"] if has_hooked_transformer() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_architecture_transformer_lens_cannot_convert_is_named(tmp_path, tokenizer, backend):
+    # BioGPT: a causal LM transformers has and neither TransformerLens line converts
+    from transformers import BioGptConfig, BioGptForCausalLM
+
+    config = BioGptConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=64)
+    BioGptForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(UnknownModelError, match=f"{tmp_path.name}.*BioGptForCausalLM"):
+        load_model(str(tmp_path), device="cpu", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pretrained_name_loads_from_a_filled_cache_offline(tmp_path, tokenizer, backend):
+    # The hub cache as a download leaves it (snapshots/<commit>/ + refs/main), here filled with a
+    # random GPT-NeoX checkpoint under Pythia's name; HF_HUB_OFFLINE=1 is read at import, so
+    # the load runs in a fresh process, as a user's would.
+    import shutil
+    import subprocess
+    import sys
+
+    source = make_checkpoint(tmp_path / "source", "gpt_neox", tokenizer=tokenizer)
+    repo = tmp_path / "hf" / "hub" / "models--EleutherAI--pythia-14m"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    probe = ("import torch; from saelib.models import load_model, is_bridge; m = load_model('pythia-14m', device='cpu'); "
+             "t = m.to_tokens('The whale swam past the ship.'); "
+             "print(type(m).__name__, m.cfg.d_model, float(m(t).log_softmax(-1)[0, -1, :50].sum()))")
+    env = {**__import__("os").environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "SAELIB_TL_BACKEND": backend}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    name, width, logprob_sum = run.stdout.split()[-3:]
+    assert name == ("TransformerBridge" if backend == "bridge" else "HookedTransformer") and int(width) == 64
+    folder = load_model(str(source), device="cpu", backend=backend)  # the same weights from the folder
+    with torch.no_grad():
+        expected = folder(folder.to_tokens("The whale swam past the ship.")).log_softmax(-1)[0, -1, :50].sum()
+    assert abs(float(logprob_sum) - float(expected)) < 1e-3
