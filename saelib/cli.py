@@ -198,7 +198,9 @@ def _cmd_train(args) -> int:
     result = train_sae(sae_cfg, store, train_cfg, device=args.device, max_minutes=args.max_minutes)
     result.sae.save(out)
     last = result.metrics.iloc[-1]
-    print(f"saved {out}: step {int(last.step)}, FVU {last.fvu:.4f}, L0 {last.l0:.1f}, "
+    # the step trained and checkpointed, not the last logged row's (rows are every log_every steps)
+    print(f"saved {out}: step {result.step} of {train_cfg.steps()} (checkpoint {train_cfg.out_dir} at step "
+          f"{result.step}); at logged step {int(last.step)}: FVU {last.fvu:.4f}, L0 {last.l0:.1f}; "
           f"dead {result.dead_fraction:.2%}, {result.tokens_per_s:,.0f} tokens/s")
     return 0
 
@@ -407,13 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelNeedsNetworkError, UnknownHookError, UnknownModelError
     from .sae_io import SAEFormatError
     from .store import StoreError
-    from .train import StaleCheckpointError
+    from .train import StaleCheckpointError, TrainingDivergedError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ModelNeedsNetworkError, TextNeedsNetworkError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
-            StaleCheckpointError, LLMUnavailableError, LLMRequestError, FileNotFoundError, ValueError) as err:
+            StaleCheckpointError, TrainingDivergedError, LLMUnavailableError, LLMRequestError, FileNotFoundError, ValueError) as err:
         # Errors that explain themselves: their message, without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -55,7 +55,7 @@ class FeatureActivations:
     @torch.no_grad()
     def collect(cls, sae, store, n_rows: int | None = None, batch_size: int = 8192) -> "FeatureActivations":
         """Run ``sae`` over the store's first ``n_rows`` rows (all by default)."""
-        store.require(d_in=sae.cfg.d_in)
+        store.require(d_in=sae.cfg.d_in, hook=sae.cfg.hook_name or None)
         total = len(store) if n_rows is None else min(n_rows, len(store))
         pieces_rows, pieces_latents, pieces_values = [], [], []
         device = sae.W_enc.device

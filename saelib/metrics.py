@@ -293,7 +293,7 @@ def evaluate(sae, model, store, name: str | None = None, n_rows: int | None = 20
     import pandas as pd
 
     hook_name = sae.cfg.hook_name or store.hook
-    store.require(d_in=sae.cfg.d_in, hook=hook_name)
+    store.require(d_in=sae.cfg.d_in, hook=hook_name, model=model)  # the store must come from this model
     recon = reconstruction_metrics(sae, store, n_rows, skip_special=skip_special)
     tokens_NL = torch.from_numpy(np.asarray(store.contexts()[:n_ce_contexts]).astype(np.int64))
     loss = downstream_losses(model, tokens_NL, sae, hook_name, store.mean if mean_D is None else mean_D, batch_size,

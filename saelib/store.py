@@ -193,6 +193,18 @@ class ActivationStore:
                 "contexts_sha256": m.contexts_sha256, "n_rows": m.n_rows, "first_position": m.first_position,
                 "dtype": m.dtype, "special_token_ids": m.special_token_ids}
 
+    def locate_non_finite(self) -> str | None:
+        """Where the first NaN or infinite value is (``"shard shard_00003.npy, row 17 (store row
+        20497)"``) and how many rows hold one; None when every row is finite. Reads every shard."""
+        first, count, offset = None, 0, 0
+        for index, info in enumerate(self.manifest.shards):
+            bad_rows = np.flatnonzero(~np.isfinite(self.shard(index)).all(axis=1))
+            if len(bad_rows) and first is None:
+                first = f"shard {info.file}, row {int(bad_rows[0])} (store row {offset + int(bad_rows[0])})"
+            count += len(bad_rows)
+            offset += info.rows
+        return None if first is None else f"{first}; {count} rows in all"
+
     @property
     def mean(self) -> torch.Tensor:
         """Per-dimension mean of all rows: [d_in] float32."""
@@ -243,7 +255,8 @@ class ActivationStore:
                 f"({m.hook}) holds length {m.d_in}; build the SAE with d_in={m.d_in} or use a store of the right hook"
             )
         if hook is not None and hook != m.hook:
-            raise StoreMismatchError(f"store {self.folder} holds hook {m.hook!r}, not {hook!r}")
+            raise StoreMismatchError(f"store {self.folder} holds activations of hook {m.hook!r}, but the SAE reads {hook!r}: "
+                                     f"use a store harvested at {hook!r} (or an SAE made for {m.hook!r})")
         if model_name is not None and model_name != m.model:
             raise StoreMismatchError(f"store {self.folder} was harvested from model {m.model!r}, not {model_name!r}")
         if model is not None:

@@ -108,6 +108,19 @@ class TrainConfig:
     True sets it aside (``trainer_state.pt.stale``, ``metrics.jsonl.stale``) and trains
     afresh. Never resumed either way."""
 
+    def __post_init__(self):
+        import math
+
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size {self.batch_size}: must be a positive number of vectors per step")
+        if self.total_tokens < self.batch_size:
+            raise ValueError(f"total_tokens {self.total_tokens} is less than one batch ({self.batch_size}): nothing "
+                             "would be trained; ask for at least one batch of tokens or a smaller batch_size")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr {self.lr}: the learning rate must be a positive finite number (e.g. 1e-3)")
+        if self.log_every <= 0 or self.checkpoint_minutes <= 0:
+            raise ValueError(f"log_every ({self.log_every}) and checkpoint_minutes ({self.checkpoint_minutes}) must be positive")
+
     def steps(self) -> int:
         return max(1, self.total_tokens // self.batch_size)
 
@@ -135,6 +148,13 @@ class TrainResult(NamedTuple):
     """Training throughput of this call (resumed steps excluded)."""
     input_scale: float
     """Factor the inputs were multiplied by during training."""
+    step: int = 0
+    """Optimiser steps trained in all, resumed ones included: the step the final checkpoint holds."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the weights became NaN or infinite. The run stops before anything is saved
+    over good state: an earlier checkpoint stays as it was, and no SAE is written."""
 
 
 class StaleCheckpointError(ValueError):
@@ -252,6 +272,8 @@ class SAETrainer:
         self.input_scale: float | None = None
         self.data = data
         self._last_save = time.perf_counter()
+        self.saved_step: int | None = None
+        """Step of the newest checkpoint on disk (None: none yet)."""
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         if self.out_dir is not None and (self.out_dir / STATE_FILE).exists():
             self._load_state()
@@ -272,9 +294,27 @@ class SAETrainer:
     def save_checkpoint(self) -> None:
         if self.out_dir is None:
             return
+        self.check_finite_()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = self._state()
         write_atomic(self.out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        self.saved_step = self.step
+
+    @torch.no_grad()
+    def check_finite_(self) -> None:
+        """Raise ``TrainingDivergedError`` if any SAE weight is NaN or infinite."""
+        bad = [name for name, p in self.sae.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDivergedError(self._diverged(f"weights {', '.join(bad)} hold NaN or inf"))
+
+    def _diverged(self, what: str) -> str:
+        if self.saved_step is not None:
+            kept = f"the checkpoint {self.out_dir / STATE_FILE} (step {self.saved_step}) is kept as it was"
+        else:
+            kept = "nothing was saved"
+        lr = learning_rate(self.cfg, max(self.step - 1, 0))
+        return (f"training diverged at step {self.step}: {what} (learning rate {lr:g}); a learning rate too high "
+                f"for these activations is the usual cause: lower --lr and train again; {kept}")
 
     def _load_state(self) -> None:
         path = self.out_dir / STATE_FILE
@@ -293,6 +333,7 @@ class SAETrainer:
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.saved_step = self.step
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
         self.input_scale = state["input_scale"]
         log = self.out_dir / METRICS_FILE
@@ -357,6 +398,9 @@ class SAETrainer:
                            relu=cfg.aux_relu)
             if aux.requires_grad:
                 loss = loss + cfg.aux_coefficient * aux
+            if not torch.isfinite(loss):  # before the step: the weights stay as they were
+                self.step += 1
+                raise TrainingDivergedError(self._diverged(f"the loss is {loss.item()} (FVU {fvu.item()})"))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         sae.remove_parallel_grad_()
@@ -403,13 +447,13 @@ class SAETrainer:
         finally:
             bar.close()
             log.close()
-        return self._finish(log, first_step, time.perf_counter() - started)
+        return self._finish(log, first_step, time.perf_counter() - started, source)
 
     # -- the loop's named steps ------------------------------------------------------------------
     def _batches_from_here(self, source) -> Iterator[torch.Tensor]:
         """The source's batches, past those a resumed run already trained on."""
         if isinstance(source, ActivationStore):
-            source.require(d_in=self.sae.cfg.d_in)
+            source.require(d_in=self.sae.cfg.d_in, hook=self.sae.cfg.hook_name or None)
         batches = _batches(source, self.cfg)
         return itertools.islice(batches, self.step, None) if self.step > 0 else batches
 
@@ -419,7 +463,13 @@ class SAETrainer:
         raw_BD = raw_BD.to(self.device, torch.float32)
         self.sae._check_width(raw_BD)
         if not torch.isfinite(raw_BD).all():
-            raise ValueError(f"batch {self.step} holds NaN or inf activations; check the data source")
+            if isinstance(source, ActivationStore):
+                where = source.locate_non_finite()
+                detail = f"store {source.folder}, {where}" if where else f"store {source.folder}"
+                remedy = "harvest that store again (--overwrite) or into a new folder"
+            else:
+                detail, remedy = "the data source (not a store)", "check what it yields"
+            raise ValueError(f"batch {self.step} holds NaN or inf activations: {detail}; {remedy}")
         if self.input_scale is None:
             self._initialise(raw_BD, source)
             if extra_metrics is not None:
@@ -441,7 +491,12 @@ class SAETrainer:
             self.save_checkpoint()
             self._last_save = now
 
-    def _finish(self, log: "MetricsLog", first_step: int, seconds: float) -> TrainResult:
+    def _finish(self, log: "MetricsLog", first_step: int, seconds: float, source=None) -> TrainResult:
+        if self.step == 0:
+            where = (f"store {source.folder} holds {source.n_rows} rows" if isinstance(source, ActivationStore)
+                     else "the data source gave no batch")
+            raise ValueError(f"nothing was trained: {where}, fewer than one batch of {self.cfg.batch_size}; "
+                             "harvest more tokens or use a smaller batch_size")
         self.save_checkpoint()
         self.sae.eval()
         return TrainResult(
@@ -450,10 +505,12 @@ class SAETrainer:
             dead_fraction=float((self.tokens_since_fired >= self.cfg.resolved_dead_tokens()).float().mean()),
             tokens_per_s=(self.step - first_step) * self.cfg.batch_size / max(seconds, 1e-9),
             input_scale=self.input_scale or 1.0,
+            step=self.step,
         )
 
     def export(self) -> SparseAutoencoder:
         """A copy of the SAE for raw activations (input scale folded in), in eval mode."""
+        self.check_finite_()
         sae = copy.deepcopy(self.sae).eval()
         sae.fold_input_scale_(self.input_scale or 1.0)
         sae.cfg = dataclasses.replace(
