@@ -409,13 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelNeedsNetworkError, UnknownHookError, UnknownModelError
     from .sae_io import SAEFormatError
     from .store import StoreError
-    from .train import StaleCheckpointError, TrainingDivergedError
+    from .train import CorruptCheckpointError, StaleCheckpointError, TrainingDivergedError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ModelNeedsNetworkError, TextNeedsNetworkError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
-            StaleCheckpointError, TrainingDivergedError, LLMUnavailableError, LLMRequestError, FileNotFoundError, ValueError) as err:
+            StaleCheckpointError, TrainingDivergedError, CorruptCheckpointError, LLMUnavailableError, LLMRequestError, FileNotFoundError, ValueError) as err:
         # Errors that explain themselves: their message, without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2

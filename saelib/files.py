@@ -41,3 +41,57 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
         while block := handle.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
+
+
+def content_digest(value) -> str:
+    """Hex sha256 of nested dicts / lists of tensors, arrays and plain values, independent of
+    the file format they are saved in: a checksum that travels *inside* a checkpoint (so the
+    file and its checksum are written in one atomic step) and that flipped bytes in any
+    weight change."""
+    import numpy as np
+    import torch
+
+    digest = hashlib.sha256()
+
+    def feed(item) -> None:
+        if isinstance(item, dict):
+            for key in sorted(item, key=str):
+                digest.update(f"<{key!s}>".encode())
+                feed(item[key])
+        elif isinstance(item, (list, tuple)):
+            digest.update(b"[")
+            for element in item:
+                feed(element)
+            digest.update(b"]")
+        elif isinstance(item, torch.Tensor):
+            tensor = item.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        elif isinstance(item, np.ndarray):
+            digest.update(f"{item.dtype}{item.shape}".encode() + np.ascontiguousarray(item).tobytes())
+        else:
+            digest.update(repr(item).encode())
+
+    feed(value)
+    return digest.hexdigest()
+
+
+def remove_orphan_tmp(folder: Path) -> list[Path]:
+    """Delete the ``*.<pid>.tmp`` files ``write_atomic`` left in ``folder`` when its process was
+    killed (their pid is no longer running on this machine); returns what was removed. A
+    resumed writer calls this, so killed runs do not pile up half-written shards."""
+    removed = []
+    for tmp in Path(folder).glob("*.tmp"):
+        pid = tmp.suffixes[-2][1:] if len(tmp.suffixes) >= 2 else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer is alive: leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, owned by another user
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed

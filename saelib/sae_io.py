@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .files import write_atomic, write_text_atomic
+from .files import content_digest, write_atomic, write_text_atomic
 from .sae import SAEConfig, SparseAutoencoder, make_sae
 
 CFG_FILE = "cfg.json"
@@ -87,7 +87,12 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in sae.weights_to_save().items()}
-    write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise SAEFormatError(f"not saving {folder}: {', '.join(bad)} hold NaN or inf (a diverged run); retrain it")
+    # the checksum rides in the file's own header, so weights and checksum are written in one step
+    header = {DIGEST_KEY: content_digest(tensors)}
+    write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     write_text_atomic(folder / CFG_FILE, json.dumps(saelens_cfg(sae.cfg, sae.saved_architecture()), indent=1))
     return folder
 
@@ -165,10 +170,35 @@ def _batchtopk_threshold(tensors: dict, where: Path) -> dict:
     return {**tensors, "threshold": value[0]}
 
 
+DIGEST_KEY = "saelib_content_sha256"
+"""Key, in the safetensors header, of ``files.content_digest`` of the tensors (saelib's own
+folders; SAELens's have none and are checked for non-finite values only)."""
+
+
+def _read_weights(path: Path) -> dict:
+    """The tensors of a weights file, refused with the file named when it is truncated, fails
+    its checksum or holds NaN or inf."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise SAEFormatError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:160]}): it is truncated or "
+                             "damaged; save or download the SAE again") from None
+    recorded = header.get(DIGEST_KEY)
+    if recorded is not None and content_digest(tensors) != recorded:
+        raise SAEFormatError(f"{path} fails its checksum (weights altered or damaged since saved): save or "
+                             "train the SAE again")
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise SAEFormatError(f"{path}: {', '.join(bad)} hold NaN or inf; this SAE is unusable: retrain it")
+    return tensors
+
+
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """An SAE from a SAELens-layout folder (ours or SAELens's, 6.x or pre-6.0)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / CFG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
@@ -177,7 +207,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
     except json.JSONDecodeError as err:
         raise SAEFormatError(f"{folder / CFG_FILE} is not valid JSON ({err}); save the SAE again") from None
     cfg = read_saelens_cfg(raw, where=str(folder / CFG_FILE))
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    tensors = _read_weights(folder / WEIGHTS_FILE)
     if cfg.architecture == "batchtopk":
         tensors = _batchtopk_threshold(tensors, folder / WEIGHTS_FILE)
     sae = make_sae(cfg)

@@ -20,6 +20,7 @@ that is read as data.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -108,6 +109,22 @@ class StoreManifest:
     same model loaded through another TransformerLens backend (whose weights hash
     differently) is still recognised. Absent in stores written before it existed."""
 
+    def statistics_problem(self) -> str | None:
+        """What is wrong with the running statistics (None: consistent). A mean of the right
+        length, finite norms, and E|x|^2 >= (E|x|)^2, which every real set of rows meets."""
+        if not self.shards:
+            return None
+        if len(self.mean) != self.d_in:
+            return f"mean has {len(self.mean)} values for d_in {self.d_in}"
+        if not np.isfinite(np.asarray(self.mean, dtype=np.float64)).all():
+            return "mean holds NaN or inf"
+        norm, sq = self.mean_norm, self.mean_sq_norm
+        if not (np.isfinite(norm) and np.isfinite(sq) and norm >= 0 and sq >= 0):
+            return f"mean_norm={norm}, mean_sq_norm={sq}: not finite and non-negative"
+        if sq < norm * norm * (1 - 1e-3):
+            return f"mean_sq_norm={sq} is less than mean_norm^2={norm * norm}, impossible for real rows"
+        return None
+
     @property
     def rows_per_context(self) -> int:
         return self.context_len - self.first_position
@@ -154,7 +171,15 @@ class ActivationStore:
         path = self.folder / MANIFEST
         if not path.exists():
             raise StoreError(f"{self.folder} is not an activation store (no {MANIFEST}); harvest one first")
-        self.manifest = StoreManifest.from_json(path.read_text())
+        try:
+            self.manifest = StoreManifest.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError) as err:
+            raise StoreError(f"{path} is damaged or truncated ({type(err).__name__}: {err}); the shards cannot be "
+                             "trusted without it: harvest this store again (--overwrite) or into a new folder") from None
+        problem = self.manifest.statistics_problem()
+        if problem:
+            raise StoreError(f"{path} holds damaged statistics ({problem}); training would scale its inputs by "
+                             "them: harvest this store again (--overwrite) or into a new folder")
         if self.manifest.format_version != FORMAT_VERSION:
             raise StoreError(f"{self.folder} has store format {self.manifest.format_version}, this saelib reads {FORMAT_VERSION}")
         self._verified: set[int] = set()
@@ -343,8 +368,23 @@ class ActivationStore:
 
     # -- token records -----------------------------------------------------------------
     def contexts(self) -> np.ndarray:
-        """The token windows the rows came from: [n_contexts, context_len] int32 (memory-mapped)."""
-        return np.load(self.folder / CONTEXTS, mmap_mode="r")
+        """The token windows the rows came from: [n_contexts, context_len] int32 (memory-mapped),
+        checked against the manifest's sha256 on first use."""
+        path = self.folder / CONTEXTS
+        try:
+            contexts = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise CorruptShardError(f"{path} cannot be read ({err}); {self._contexts_hint()}") from None
+        if not getattr(self, "_contexts_verified", False):
+            if hashlib.sha256(np.ascontiguousarray(contexts).tobytes()).hexdigest() != self.manifest.contexts_sha256:
+                raise CorruptShardError(f"{path} fails its sha256 check (altered or damaged): its token ids cannot be "
+                                        f"trusted; {self._contexts_hint()}")
+            self._contexts_verified = True
+        return contexts
+
+    def _contexts_hint(self) -> str:
+        return ("rerun the same harvest command with --overwrite (the token windows are the input; the shards "
+                f"are only as good as them) or harvest into a new folder than {self.folder}")
 
     def locate(self, rows: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
         """(context index, token position) of store rows."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import sha256_file, write_atomic
+from .files import remove_orphan_tmp, sha256_file, write_atomic
 from .store import (
     CONTEXTS,
     DTYPES,
@@ -75,8 +75,14 @@ class StoreWriter:
         contexts = np.ascontiguousarray(contexts, dtype=np.int32)
         manifest.contexts_sha256 = hashlib.sha256(contexts.tobytes()).hexdigest()
         existing = self.folder / MANIFEST
+        remove_orphan_tmp(self.folder)  # half-written files of killed writers
         if existing.exists() and not overwrite:
-            self.manifest = self._resume(StoreManifest.from_json(existing.read_text()), manifest)
+            try:
+                old = StoreManifest.from_json(existing.read_text())
+            except (ValueError, TypeError, KeyError) as err:
+                raise StoreError(f"{existing} is damaged or truncated ({type(err).__name__}: {err}), so this harvest "
+                                 "cannot resume it: rerun with --overwrite (overwrite=True) to start the store afresh") from None
+            self.manifest = self._resume(old, manifest)
         else:
             for stale in self.folder.glob("shard_*.npy*"):
                 stale.unlink()

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .sae import SAEConfig, SparseAutoencoder, init_b_dec_, init_from_data_, init_tied_, make_sae
 from .sparse_ops import SparseDecode, SparseEncode
-from .files import write_atomic
+from .files import content_digest, remove_orphan_tmp, write_atomic
 from .metrics import variance_per_vector
 from .store import ActivationStore
 
@@ -150,6 +150,10 @@ class TrainResult(NamedTuple):
     """Factor the inputs were multiplied by during training."""
     step: int = 0
     """Optimiser steps trained in all, resumed ones included: the step the final checkpoint holds."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A trainer checkpoint cannot be read or fails its checksum."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -275,8 +279,13 @@ class SAETrainer:
         self.saved_step: int | None = None
         """Step of the newest checkpoint on disk (None: none yet)."""
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
-        if self.out_dir is not None and (self.out_dir / STATE_FILE).exists():
-            self._load_state()
+        if self.out_dir is not None:
+            remove_orphan_tmp(self.out_dir)
+            if (self.out_dir / STATE_FILE).exists():
+                self._load_state()
+            elif (self.out_dir / METRICS_FILE).exists():
+                # killed before its first checkpoint: the run starts over, so do its rows
+                (self.out_dir / METRICS_FILE).unlink()
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -297,6 +306,7 @@ class SAETrainer:
         self.check_finite_()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = self._state()
+        state["digest"] = content_digest(state)  # checked on resume: flipped bytes are never trained on
         write_atomic(self.out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
         self.saved_step = self.step
 
@@ -318,7 +328,18 @@ class SAETrainer:
 
     def _load_state(self) -> None:
         path = self.out_dir / STATE_FILE
-        state = torch.load(path, weights_only=True, map_location=self.device)
+        remedy = (f"move it away (or delete it) to train this run from the start; nothing else in {self.out_dir} "
+                  "depends on it")
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as err:  # torch raises several types for truncated or garbled zip files
+            raise CorruptCheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
+                                         f"{str(err).splitlines()[0][:160]}): {remedy}") from None
+        recorded = state.pop("digest", None)
+        if recorded is not None and content_digest(state) != recorded:
+            raise CorruptCheckpointError(f"checkpoint {path} fails its checksum (bytes altered or damaged since it "
+                                         f"was saved): {remedy}")
+        state = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
         stale = self._stale_reasons(state)
         if stale and self.cfg.restart_stale:
             for name in (STATE_FILE, METRICS_FILE):

@@ -1,0 +1,152 @@
+"""Reliability, class 1 (issue 18): everything a reader trusts is verified. Token windows,
+manifest statistics, trainer checkpoints and SAE folders are refused, with the file and
+the remedy named, when their bytes were altered; killed writers' temporary files and
+metric rows do not pile up."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from saelib.files import remove_orphan_tmp
+from saelib.sae import SAEConfig, make_sae
+from saelib.sae_io import SAEFormatError, load_sae, save_sae
+from saelib.store import ActivationStore, CorruptShardError, StoreError, StoreManifest
+from saelib.store_writer import StoreWriter
+from saelib.train import METRICS_FILE, STATE_FILE, CorruptCheckpointError, TrainConfig, train_sae
+
+D_IN, CONTEXT_LEN = 16, 9
+
+
+def write_store(folder, n_contexts=64) -> ActivationStore:
+    manifest = StoreManifest(model="toy", model_fingerprint="f" * 16, hook="blocks.0.hook_resid_post", d_in=D_IN,
+                             dtype="float32", shard_rows=64, context_len=CONTEXT_LEN, n_contexts=n_contexts,
+                             first_position=1, contexts_sha256="")
+    contexts = np.arange(n_contexts * CONTEXT_LEN, dtype=np.int32).reshape(n_contexts, CONTEXT_LEN) % 97
+    writer = StoreWriter(folder, manifest, contexts)
+    writer.append(torch.randn(n_contexts * (CONTEXT_LEN - 1), D_IN, generator=torch.Generator().manual_seed(0)))
+    return writer.close()
+
+
+def flip_byte(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_altered_token_windows_are_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    assert store.tokens_of(np.arange(4)).tolist() == [1, 2, 3, 4]
+    path = store.folder / "contexts.npy"
+    flip_byte(path, path.stat().st_size - 7)  # a token id, not the header
+    reopened = ActivationStore(store.folder)
+    with pytest.raises(CorruptShardError, match=r"contexts.npy fails its sha256 check.*--overwrite"):
+        reopened.tokens_of(np.arange(4))
+
+
+def test_damaged_manifest_statistics_and_json_are_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    manifest_path = store.folder / "manifest.json"
+    good = manifest_path.read_text()
+    for field, value in [("mean_sq_norm", float("nan")), ("mean_norm", float("inf")), ("mean_sq_norm", 1e-3)]:
+        values = json.loads(good)
+        values[field] = value
+        manifest_path.write_text(json.dumps(values))
+        with pytest.raises(StoreError, match=r"manifest.json holds damaged statistics.*harvest this store again"):
+            ActivationStore(store.folder)
+    values = json.loads(good)
+    values["mean"][3] = float("nan")
+    manifest_path.write_text(json.dumps(values))
+    with pytest.raises(StoreError, match="mean holds NaN"):
+        ActivationStore(store.folder)
+    manifest_path.write_text(good[: len(good) // 2])
+    with pytest.raises(StoreError, match=r"manifest.json is damaged or truncated.*harvest this store again"):
+        ActivationStore(store.folder)
+    contexts = np.arange(64 * CONTEXT_LEN, dtype=np.int32).reshape(64, CONTEXT_LEN) % 97
+    with pytest.raises(StoreError, match=r"manifest.json is damaged or truncated.*--overwrite"):
+        StoreWriter(store.folder, StoreManifest.from_json(good), contexts)
+
+
+def trained_run(store, out_dir, steps=6):
+    cfg = TrainConfig(total_tokens=64 * 12, batch_size=64, out_dir=str(out_dir), progress=False)
+    sae_cfg = SAEConfig(d_in=D_IN, d_sae=32, architecture="topk", k=4, hook_name=store.hook)
+    return sae_cfg, cfg, train_sae(sae_cfg, store, cfg, max_steps=steps)
+
+
+def test_a_checkpoint_with_altered_weights_is_not_resumed(tmp_path):
+    store = write_store(tmp_path / "s")
+    sae_cfg, cfg, _ = trained_run(store, tmp_path / "run")
+    path = tmp_path / "run" / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    data = path.read_bytes()
+    W_enc_bytes = state["sae"]["W_enc"].contiguous().numpy().tobytes()
+    offset = data.index(W_enc_bytes[:64])  # the tensor's bytes inside the zip
+    flip_byte(path, offset + 32)
+    with pytest.raises(CorruptCheckpointError, match=r"trainer_state.pt fails its checksum.*move it away"):
+        train_sae(sae_cfg, store, cfg)
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpointError, match=r"trainer_state.pt cannot be read.*move it away"):
+        train_sae(sae_cfg, store, cfg)
+    path.write_bytes(data)
+    assert train_sae(sae_cfg, store, cfg).step == 12  # the intact checkpoint resumes to the end
+
+
+def test_sae_folders_are_verified(tmp_path):
+    sae = make_sae(SAEConfig(d_in=D_IN, d_sae=32, architecture="topk", k=4))
+    with torch.no_grad():
+        sae.W_enc.normal_()
+    folder = save_sae(sae, tmp_path / "sae")
+    weights = folder / "sae_weights.safetensors"
+    assert torch.equal(load_sae(folder).W_enc, sae.W_enc)
+    data = weights.read_bytes()
+    offset = data.index(sae.W_enc.detach().numpy().tobytes()[:64])
+    flip_byte(weights, offset + 8)
+    with pytest.raises(SAEFormatError, match="sae_weights.safetensors fails its checksum"):
+        load_sae(folder)
+    weights.write_bytes(data[:100])
+    with pytest.raises(SAEFormatError, match="sae_weights.safetensors cannot be read.*truncated"):
+        load_sae(folder)
+    from safetensors.torch import save_file  # a folder written by another tool: no checksum, NaN inside
+
+    tensors = {k: v.detach().clone() for k, v in sae.weights_to_save().items()}
+    tensors["W_dec"][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    with pytest.raises(SAEFormatError, match="W_dec hold NaN or inf.*retrain"):
+        load_sae(folder)
+    with torch.no_grad():
+        sae.W_dec[1, 1] = float("inf")
+    with pytest.raises(SAEFormatError, match="not saving .*W_dec hold NaN or inf"):
+        save_sae(sae, tmp_path / "other")
+    assert not (tmp_path / "other" / "sae_weights.safetensors").exists()
+
+
+def test_killed_writers_leave_no_tmp_files_and_no_duplicate_rows(tmp_path):
+    store = write_store(tmp_path / "s")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        orphan = store.folder / f"shard_00007.npy.{dead.pid}.tmp"
+        in_progress = store.folder / f"shard_00008.npy.{alive.pid}.tmp"
+        orphan.write_bytes(b"x" * 1000)
+        in_progress.write_bytes(b"x" * 1000)
+        contexts = np.arange(64 * CONTEXT_LEN, dtype=np.int32).reshape(64, CONTEXT_LEN) % 97
+        StoreWriter(store.folder, StoreManifest.from_json((store.folder / "manifest.json").read_text()), contexts).close()
+        assert not orphan.exists() and in_progress.exists()  # a live writer's file is left alone
+    finally:
+        alive.kill()
+        alive.wait()
+    assert remove_orphan_tmp(store.folder) == [in_progress]
+    # a training run killed before its first checkpoint left metric rows and no state
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / METRICS_FILE).write_text("".join(json.dumps({"step": s, "fvu": 1.0}) + "\n" for s in (10, 20)))
+    (run / f"{STATE_FILE}.{dead.pid}.tmp").write_bytes(b"partial")
+    cfg = TrainConfig(total_tokens=64 * 20, batch_size=64, out_dir=str(run), progress=False, log_every=10)
+    train_sae(SAEConfig(d_in=D_IN, d_sae=32, architecture="topk", k=4, hook_name=store.hook), store, cfg)
+    steps = [json.loads(r)["step"] for r in (run / METRICS_FILE).read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 20
+    assert not list(run.glob("*.tmp"))
