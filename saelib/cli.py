@@ -406,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .autointerp.llm import LLMRequestError, LLMUnavailableError
     from .data import TextNeedsNetworkError
+    from .files import FolderLockedError
     from .models import ModelNeedsNetworkError, UnknownHookError, UnknownModelError
     from .sae_io import SAEFormatError
     from .store import StoreError
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelNeedsNetworkError, TextNeedsNetworkError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
+    except (ModelNeedsNetworkError, TextNeedsNetworkError, FolderLockedError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
             StaleCheckpointError, TrainingDivergedError, CorruptCheckpointError, LLMUnavailableError, LLMRequestError, FileNotFoundError, ValueError) as err:
         # Errors that explain themselves: their message, without a traceback.
         print(f"error: {err}", file=sys.stderr)

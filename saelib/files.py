@@ -95,3 +95,66 @@ def remove_orphan_tmp(folder: Path) -> list[Path]:
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
+
+
+class FolderLockedError(RuntimeError):
+    """Another live process holds the folder's writer lock."""
+
+
+LOCK_FILE = ".writer.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(folder: Path, what: str = "folder") -> Path:
+    """Make this process the only writer of ``folder``: create ``.writer.lock`` (exclusively)
+    holding our pid and host. A lock whose process is gone (same host, pid not running) is
+    stale and taken over; one of a live process raises ``FolderLockedError`` naming it. A
+    lock of this very process (an earlier writer that failed in a notebook) is taken over."""
+    import socket
+    import time
+
+    folder = Path(folder)
+    path = folder / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                owner = {}  # being written this instant, or garbled: judge by age below
+            pid, host = owner.get("pid"), owner.get("host")
+            if pid == me["pid"] and host == me["host"]:
+                return path
+            if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
+                path.unlink(missing_ok=True)  # stale: its writer was killed
+                continue
+            if not owner and time.time() - path.stat().st_mtime > 60:
+                path.unlink(missing_ok=True)  # an empty lock older than a minute: its writer died mid-write
+                continue
+            raise FolderLockedError(
+                f"{what} {folder} is being written by process {pid} on {host} (since {owner.get('since', '?')}): "
+                f"wait for it to finish, or if that process is gone, delete {path} and run again") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(me))
+        return path
+    raise FolderLockedError(f"could not take the writer lock {path}: delete it if no other process writes {folder}")
+
+
+def release_lock(path: Path) -> None:
+    """Remove a lock ``acquire_lock`` returned, if it is still ours."""
+    try:
+        if json.loads(Path(path).read_text()).get("pid") == os.getpid():
+            Path(path).unlink()
+    except (OSError, ValueError):
+        pass

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import remove_orphan_tmp, sha256_file, write_atomic
+from .files import acquire_lock, release_lock, remove_orphan_tmp, sha256_file, write_atomic
 from .store import (
     CONTEXTS,
     DTYPES,
@@ -74,6 +74,25 @@ class StoreWriter:
             raise StoreError(f"dtype must be one of {DTYPES}, not {manifest.dtype!r}")
         contexts = np.ascontiguousarray(contexts, dtype=np.int32)
         manifest.contexts_sha256 = hashlib.sha256(contexts.tobytes()).hexdigest()
+        # one writer per store: two harvests into one folder would mix their rows
+        self._lock = acquire_lock(self.folder, "store")
+        try:
+            self._open(manifest, contexts, overwrite)
+        except BaseException:
+            release_lock(self._lock)  # a refused resume must not keep others out
+            raise
+        self.start_row = self.manifest.n_rows
+        self.next_row = self.start_row  # store row index of the next row handed to append
+        self._pending: list[torch.Tensor] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._in_flight: Future | None = None
+        self._pending_rows = 0
+        self._sum = np.asarray(self.manifest.mean or np.zeros(manifest.d_in), dtype=np.float64) * self.start_row
+        self._sum_norm = self.manifest.mean_norm * self.start_row
+        self._sum_sq_norm = self.manifest.mean_sq_norm * self.start_row
+
+    def _open(self, manifest: StoreManifest, contexts: np.ndarray, overwrite: bool) -> None:
+        """Resume the store in the folder, or start it afresh (``overwrite`` or none there)."""
         existing = self.folder / MANIFEST
         remove_orphan_tmp(self.folder)  # half-written files of killed writers
         if existing.exists() and not overwrite:
@@ -89,15 +108,6 @@ class StoreWriter:
             self.manifest = manifest
             write_atomic(self.folder / CONTEXTS, _save_npy(contexts))
             self._write_manifest()
-        self.start_row = self.manifest.n_rows
-        self.next_row = self.start_row  # store row index of the next row handed to append
-        self._pending: list[torch.Tensor] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-        self._in_flight: Future | None = None
-        self._pending_rows = 0
-        self._sum = np.asarray(self.manifest.mean or np.zeros(manifest.d_in), dtype=np.float64) * self.start_row
-        self._sum_norm = self.manifest.mean_norm * self.start_row
-        self._sum_sq_norm = self.manifest.mean_sq_norm * self.start_row
 
     def _resume(self, old: StoreManifest, new: StoreManifest) -> StoreManifest:
         from .models import signatures_match
@@ -214,6 +224,7 @@ class StoreWriter:
         finally:
             self._executor.shutdown()
             self._pending, self._pending_rows = [], 0
+            release_lock(self._lock)
 
     def close(self) -> ActivationStore:
         """Write the last, possibly short, shard; mark the store complete if every row is in."""
@@ -225,6 +236,7 @@ class StoreWriter:
         if complete != self.manifest.complete or self.manifest.n_rows != self.start_row:
             self.manifest.complete = complete
             self._write_manifest()
+        release_lock(self._lock)
         return ActivationStore(self.folder, verify="size")
 
     def _write_manifest(self) -> None:

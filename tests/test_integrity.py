@@ -150,3 +150,42 @@ def test_killed_writers_leave_no_tmp_files_and_no_duplicate_rows(tmp_path):
     steps = [json.loads(r)["step"] for r in (run / METRICS_FILE).read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 20
     assert not list(run.glob("*.tmp"))
+
+
+def test_one_writer_per_store_and_stale_locks_are_recovered(tmp_path):
+    import socket
+
+    from saelib.files import LOCK_FILE, FolderLockedError
+
+    store = write_store(tmp_path / "s")
+    assert not (store.folder / LOCK_FILE).exists()  # released on close
+    contexts = np.arange(64 * CONTEXT_LEN, dtype=np.int32).reshape(64, CONTEXT_LEN) % 97
+    manifest = StoreManifest.from_json((store.folder / "manifest.json").read_text())
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (store.folder / LOCK_FILE).write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname(), "since": "now"}))
+        with pytest.raises(FolderLockedError, match=rf"store .* is being written by process {alive.pid} on .*delete .*{LOCK_FILE}"):
+            StoreWriter(store.folder, manifest, contexts)
+    finally:
+        alive.kill()
+        alive.wait()
+    StoreWriter(store.folder, manifest, contexts).close()  # its owner is gone: the lock is stale
+    assert not (store.folder / LOCK_FILE).exists()
+
+
+def test_two_harvests_into_one_folder_at_once_never_mix(tmp_path):
+    # Real processes, started together, different text (seeds) into the same folder: one
+    # writes the store, the other is refused with a clear message; the store is whole.
+    def start(seed):
+        return subprocess.Popen([sys.executable, "-m", "saelib", "harvest", "--hooks", "blocks.0.hook_resid_post",
+                                 "--tokens", "40000", "--seed", str(seed), "--out-dir", str(tmp_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    runs = [start(0), start(1)]
+    results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert ("is being written by process" in refused or "contexts_sha256" in refused) and "Traceback" not in refused
+    store = ActivationStore(next(tmp_path.rglob("manifest.json")).parent, verify="full")
+    assert store.manifest.complete and len(store.contexts()) == store.manifest.n_contexts  # contexts verified too
