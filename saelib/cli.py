@@ -39,6 +39,25 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
+POSITIVE_FIELDS = {"batch_size", "total_tokens", "d_sae", "k", "shard_mb", "lr", "log_every", "checkpoint_minutes",
+                   "dead_tokens", "aux_k"}
+"""Config fields whose flags must be positive numbers (checked when the command line is parsed)."""
+
+
+def positive(kind: type):
+    """An argparse type: ``kind`` (int or float) that must be > 0, with a one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not value > 0 or value != value or value in (float("inf"),):
+            raise argparse.ArgumentTypeError(f"must be a positive {'integer' if kind is int else 'number'}, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _value_type(hint) -> type:
     """``int`` for ``int | None``, ``list`` for ``list[str]``, else the type itself."""
     import types
@@ -75,7 +94,7 @@ def add_config_args(parser, cls, skip=(), required=(), aliases=None, choices=Non
         elif kind is list:
             options["nargs"] = "+"
         else:
-            options["type"] = kind
+            options["type"] = positive(kind) if field.name in POSITIVE_FIELDS and kind in (int, float) else kind
             if field.name in choices:
                 options["choices"] = choices[field.name]
         if "default" in options:
@@ -89,6 +108,17 @@ def config_from_args(cls, args, **fixed):
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**{**values, **fixed})
+
+
+def _device(name: str) -> str:
+    """``--device``, refused at once when it names an accelerator this machine lacks."""
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: this machine has no Apple GPU; use --device cpu")
+    return name
 
 
 def _cmd_run_notebooks(args) -> int:
@@ -122,7 +152,7 @@ def _cmd_harvest(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=_device(args.device))
     tokens_NL = token_windows(model, args.tokens, context_len=args.context_len, seed=args.seed, text=args.text)
     for store in harvest(model, tokens_NL, config_from_args(HarvestConfig, args)).values():
         print(f"{store.folder}: {store!r}")
@@ -195,7 +225,7 @@ def _cmd_train(args) -> int:
     train_cfg = config_from_args(TrainConfig, args, out_dir=str(out / "checkpoint"))
     if sae_cfg.architecture == "relu" and train_cfg.l1_coefficient <= 0:
         raise ValueError("a relu SAE needs an L1 penalty: pass --l1-coefficient, e.g. 0.1 (notebook 03's value)")
-    result = train_sae(sae_cfg, store, train_cfg, device=args.device, max_minutes=args.max_minutes)
+    result = train_sae(sae_cfg, store, train_cfg, device=_device(args.device), max_minutes=args.max_minutes)
     result.sae.save(out)
     last = result.metrics.iloc[-1]
     # the step trained and checkpointed, not the last logged row's (rows are every log_every steps)
@@ -302,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run-notebooks", help="execute all notebooks, write executed copies and HTML reports")
     run.add_argument("--profile", choices=["smoke", "default", "full"], help="sets SAELIB_PROFILE")
     run.add_argument("--only", nargs="*", help="notebook name prefixes to run (default: all)")
-    run.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    run.add_argument("--timeout", type=positive(int), default=3600, help="seconds per cell")
     run.add_argument("--model", help="model of every notebook: 'embedded' (default), a TransformerLens pretrained "
                                      "name, or a local Hugging Face checkpoint folder (sets SAELIB_MODEL)")
     run.add_argument("--text", help="text of every notebook: 'embedded' (the shipped sample, default), a Hugging Face "
@@ -311,12 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     hv = sub.add_parser("harvest", help="store activations of hook points (resumes an interrupted run)")
     hv.add_argument("--model", default="embedded", help="'embedded' or a TransformerLens pretrained name")
-    hv.add_argument("--tokens", type=int, default=1_000_000, help="tokens to run (from the shipped sample text, or --text)")
+    hv.add_argument("--tokens", type=positive(int), default=1_000_000, help="tokens to run (from the shipped sample text, or --text)")
     hv.add_argument("--text", help="a Hugging Face text dataset or local .jsonl/.txt/.parquet files instead of the shipped sample")
-    hv.add_argument("--context-len", type=int, default=128, help="tokens per window, BOS included")
+    hv.add_argument("--context-len", type=positive(int), default=128, help="tokens per window, BOS included")
     hv.add_argument("--seed", type=int, default=0, help="which windows of the sample text")
     hv.add_argument("--device", default="cpu")
-    hv.add_argument("--threads", type=int, help="torch threads")
+    hv.add_argument("--threads", type=positive(int), help="torch threads")
     add_config_args(hv, HarvestConfig, required=("hooks",), choices={"dtype": ["float16", "float32"]})
     hv.set_defaults(func=_cmd_harvest)
 
@@ -327,9 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                     choices={"architecture": [n for n, cls in ARCHITECTURES.items() if cls.trains]})
     add_config_args(tr, TrainConfig, skip=("out_dir",), aliases={"total_tokens": ["--tokens"], "l1_coefficient": ["--l1"]},
                     choices={"b_dec_init": ["geometric_median", "mean", "zeros"], "dictionary_init": ["tied", "data"]})
-    tr.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
+    tr.add_argument("--max-minutes", type=positive(float), help="stop (with a checkpoint) after this long")
     tr.add_argument("--device", default="cpu")
-    tr.add_argument("--threads", type=int, help="torch threads")
+    tr.add_argument("--threads", type=positive(int), help="torch threads")
     tr.set_defaults(func=_cmd_train)
 
     ai = sub.add_parser("autointerp", help="explain and score an SAE's features (offline, or with an LLM server)")
@@ -338,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     ai.add_argument("--features", default="all", help="'all' live features, or how many to draw at random")
     ai.add_argument("--explainer", choices=["patterns", "top-tokens", "llm"], default="patterns",
                     help="offline pattern explainer, its top-tokens-only reference, or an OpenAI-compatible LLM")
-    ai.add_argument("--tokens", type=int, default=100_000, help="tokens of shipped text to explain and score on")
+    ai.add_argument("--tokens", type=positive(int), default=100_000, help="tokens of shipped text to explain and score on")
     ai.add_argument("--split", choices=["heldout", "train"], default="heldout", help="which part of the shipped text")
     ai.add_argument("--llm-base-url", help="server root ending in /v1 (default: $SAELIB_LLM_BASE_URL)")
     ai.add_argument("--llm-model", help="model name on that server (default: $SAELIB_LLM_MODEL)")
@@ -406,20 +436,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .autointerp.llm import LLMRequestError, LLMUnavailableError
     from .data import TextNeedsNetworkError
-    from .files import FolderLockedError
+    from .files import DiskFullError, FolderLockedError
     from .models import ModelNeedsNetworkError, UnknownHookError, UnknownModelError
     from .sae_io import SAEFormatError
     from .store import StoreError
     from .train import CorruptCheckpointError, StaleCheckpointError, TrainingDivergedError
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return args.func(args)
-    except (ModelNeedsNetworkError, TextNeedsNetworkError, FolderLockedError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume where the last checkpoint or shard stopped", file=sys.stderr)
+        return 130
+    except (ModelNeedsNetworkError, TextNeedsNetworkError, FolderLockedError, DiskFullError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
             StaleCheckpointError, TrainingDivergedError, CorruptCheckpointError, LLMUnavailableError, LLMRequestError, FileNotFoundError, ValueError) as err:
         # Errors that explain themselves: their message, without a traceback.
+        if debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # anything else: still one line, the traceback on request
+        if debug:
+            raise
+        print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+              "(an unexpected failure: rerun with --debug for the traceback, and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

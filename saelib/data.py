@@ -69,6 +69,12 @@ def token_windows(model, n_tokens: int, context_len: int = 128, split: str = "tr
     function of ``seed``). Raises if the text holds fewer tokens than asked. ``text``: see
     ``text_source`` (default: the shipped sample).
     """
+    if n_tokens <= 0 or context_len < 2:
+        raise ValueError(f"asked for {n_tokens} tokens in windows of {context_len}: both must be positive "
+                         "(a window holds BOS and at least one token)")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is not None and context_len > n_ctx:
+        raise ValueError(f"context_len {context_len} is longer than the model's n_ctx {n_ctx}: use {n_ctx} or less")
     n_contexts = max(1, -(-n_tokens // context_len))
     source = text_source(text)
     if source != EMBEDDED_TEXT:

@@ -10,9 +10,16 @@ from pathlib import Path
 from typing import Callable
 
 
+class DiskFullError(OSError):
+    """No space left (or quota exceeded) while writing a file; what was written before is intact."""
+
+
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see all of it or
-    none. The temporary name is unique to this process, so two processes never share one."""
+    none. The temporary name is unique to this process, so two processes never share one.
+    A full disk raises ``DiskFullError`` naming the file; the old ``path`` stays as it was."""
+    import errno
+
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -20,6 +27,11 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(err, DiskFullError):
+            raise DiskFullError(err.errno, f"disk full while writing {path}: free space and rerun the same "
+                                           "command; it resumes from what was written before") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -50,6 +50,14 @@ class HarvestConfig:
     progress: bool = True
     """Show a tqdm bar."""
 
+    def __post_init__(self):
+        if not self.hooks:
+            raise ValueError("no hooks to harvest: name at least one, e.g. --hooks blocks.1.hook_resid_post")
+        if self.batch_size <= 0 or not self.shard_mb > 0:
+            raise ValueError(f"batch_size ({self.batch_size}) and shard_mb ({self.shard_mb}) must be positive")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype {self.dtype!r}: use float16 or float32")
+
 
 def model_label(model) -> str:
     """The name a store records for ``model``: ``"embedded"`` or the TransformerLens name."""
@@ -119,6 +127,12 @@ def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str 
     if tokens_NL.ndim != 2:
         raise ValueError(f"tokens must be [n_contexts, context_len], got shape {tuple(tokens_NL.shape)}")
     n_contexts, context_len = tokens_NL.shape
+    if context_len > model.cfg.n_ctx:
+        raise ValueError(f"contexts of {context_len} tokens are longer than the model's n_ctx {model.cfg.n_ctx}: "
+                         f"use a context length of {model.cfg.n_ctx} or less")
+    if len(tokens_NL) and (int(tokens_NL.min()) < 0 or int(tokens_NL.max()) >= model.cfg.d_vocab):
+        raise ValueError(f"token ids run from {int(tokens_NL.min())} to {int(tokens_NL.max())}, outside the model's "
+                         f"vocabulary 0..{model.cfg.d_vocab - 1}: they come from another tokenizer")
     first_position = 1 if cfg.skip_bos else 0
     if context_len <= first_position:
         raise ValueError("contexts must hold at least one token besides BOS")

@@ -97,7 +97,9 @@ def test_nothing_to_train_is_refused(store, tmp_path):
         train_sae(sae_cfg(), small, TrainConfig(total_tokens=2048, batch_size=64, progress=False))
     out = tmp_path / "sae"
     run = train_cli(store.folder, out, "--d-sae", 32, "--k", 4, "--batch-size", 64, "--tokens", 0)
-    assert run.returncode == 2 and "total_tokens 0 is less than one batch" in run.stderr
+    assert run.returncode == 2 and "--tokens: must be a positive integer, got 0" in run.stderr  # refused when parsed
+    run = train_cli(store.folder, out, "--d-sae", 32, "--k", 4, "--batch-size", 64, "--tokens", 10)
+    assert run.returncode == 2 and "total_tokens 10 is less than one batch (64)" in run.stderr
     assert "Traceback" not in run.stderr and not out.exists()
 
 
