@@ -227,10 +227,14 @@ def _cmd_train(args) -> int:
         raise ValueError("a relu SAE needs an L1 penalty: pass --l1-coefficient, e.g. 0.1 (notebook 03's value)")
     result = train_sae(sae_cfg, store, train_cfg, device=_device(args.device), max_minutes=args.max_minutes)
     result.sae.save(out)
-    last = result.metrics.iloc[-1]
-    # the step trained and checkpointed, not the last logged row's (rows are every log_every steps)
-    print(f"saved {out}: step {result.step} of {train_cfg.steps()} (checkpoint {train_cfg.out_dir} at step "
-          f"{result.step}); at logged step {int(last.step)}: FVU {last.fvu:.4f}, L0 {last.l0:.1f}; "
+    # the step trained and checkpointed, not the last logged row's (rows come every log_every steps)
+    logged = result.metrics.dropna(subset=["fvu"]) if "fvu" in result.metrics else result.metrics.iloc[:0]
+    quality = (f"at logged step {int(logged.step.iloc[-1])}: FVU {logged.fvu.iloc[-1]:.4f}, L0 {logged.l0.iloc[-1]:.1f}; "
+               if len(logged) else "")
+    done = result.step >= train_cfg.steps()
+    print(f"{'trained' if done else 'stopped at'} step {result.step} of {train_cfg.steps()}: SAE saved to {out}, "
+          f"checkpoint {Path(train_cfg.out_dir) / 'trainer_state.pt'} holds step {result.step}"
+          f"{'' if done else ' (rerun the same command to continue)'}; {quality}"
           f"dead {result.dead_fraction:.2%}, {result.tokens_per_s:,.0f} tokens/s")
     return 0
 
