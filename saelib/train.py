@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -150,6 +151,10 @@ class TrainResult(NamedTuple):
     """Factor the inputs were multiplied by during training."""
     step: int = 0
     """Optimiser steps trained in all, resumed ones included: the step the final checkpoint holds."""
+
+
+class IncompleteStoreWarning(UserWarning):
+    """Training starts on a store whose harvest has not finished."""
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -475,6 +480,12 @@ class SAETrainer:
         """The source's batches, past those a resumed run already trained on."""
         if isinstance(source, ActivationStore):
             source.require(d_in=self.sae.cfg.d_in, hook=self.sae.cfg.hook_name or None)
+            m = source.manifest
+            if not m.complete and self.step == 0:
+                warnings.warn(f"store {source.folder} is incomplete ({m.n_rows} of {m.expected_rows} rows: its harvest "
+                              "stopped early); training on the rows there. Rerun the harvest to finish it first if "
+                              "you meant all of them (a finished store is other data: this run would not resume on it)",
+                              IncompleteStoreWarning, stacklevel=3)
         batches = _batches(source, self.cfg)
         return itertools.islice(batches, self.step, None) if self.step > 0 else batches
 

@@ -145,3 +145,24 @@ def test_a_store_of_another_hook_or_model_is_refused(tiny_model, tmp_path):
     assert len(evaluate(sae, tiny_model, store, n_rows=64, n_ce_contexts=4)) == 1  # its own model: accepted
     with pytest.raises(StoreMismatchError, match="different model"):
         evaluate(sae, randomize_weights(tiny_model, seed=1), store, n_rows=64, n_ce_contexts=4)
+
+
+def test_training_on_an_unfinished_store_warns(tmp_path):
+    from saelib.train import IncompleteStoreWarning
+
+    manifest = StoreManifest(model="toy", model_fingerprint="f" * 16, hook="blocks.0.hook_resid_post", d_in=D_IN,
+                             dtype="float32", shard_rows=64, context_len=CONTEXT_LEN, n_contexts=64,
+                             first_position=1, contexts_sha256="")
+    writer = StoreWriter(tmp_path / "s", manifest, np.zeros((64, CONTEXT_LEN), dtype=np.int32))
+    writer.append(torch.randn(256, D_IN))  # half the rows: a harvest that was stopped
+    unfinished = writer.close()
+    assert not unfinished.manifest.complete
+    cfg = TrainConfig(total_tokens=128, batch_size=64, progress=False)
+    with pytest.warns(IncompleteStoreWarning, match=r"incomplete \(256 of 512 rows"):
+        train_sae(sae_cfg(), unfinished, cfg)
+    finished = write_store(tmp_path / "done", torch.randn(512, D_IN))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IncompleteStoreWarning)
+        train_sae(sae_cfg(), finished, cfg)  # a finished store: no warning
