@@ -58,6 +58,13 @@ def positive(kind: type):
     return parse
 
 
+def _feature_count(text: str) -> str:
+    """``--features``: "all" or a positive count."""
+    if text == "all" or (text.isdigit() and int(text) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"use 'all' or a positive number of features, not {text!r}")
+
+
 def _value_type(hint) -> type:
     """``int`` for ``int | None``, ``list`` for ``list[str]``, else the type itself."""
     import types
@@ -369,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     ai = sub.add_parser("autointerp", help="explain and score an SAE's features (offline, or with an LLM server)")
     ai.add_argument("sae", help="SAE folder (cfg.json + sae_weights.safetensors) naming its model and hook")
     ai.add_argument("out", help="CSV file: one row per feature (explanation, correlation, detection, fuzzing, counts)")
-    ai.add_argument("--features", default="all", help="'all' live features, or how many to draw at random")
+    ai.add_argument("--features", default="all", type=_feature_count, help="'all' live features, or how many to draw at random")
     ai.add_argument("--explainer", choices=["patterns", "top-tokens", "llm"], default="patterns",
                     help="offline pattern explainer, its top-tokens-only reference, or an OpenAI-compatible LLM")
     ai.add_argument("--tokens", type=positive(int), default=100_000, help="tokens of shipped text to explain and score on")

@@ -142,9 +142,11 @@ def run_all(
 
         out_dir = out_dir / "by_model" / path_label(model)
     runs = []
-    for path in notebook_paths():
-        if only and not any(path.stem.startswith(prefix) for prefix in only):
-            continue
+    chosen = [p for p in notebook_paths() if not only or any(p.stem.startswith(prefix) for prefix in only)]
+    if not chosen:
+        raise ValueError(f"--only {' '.join(only or [])} matches no notebook; the notebooks are "
+                         f"{', '.join(p.stem for p in notebook_paths())}")
+    for path in chosen:
         print(f"[saelib] running {path.name} (profile {os.environ.get('SAELIB_PROFILE', 'default')}, "
               f"model {model or os.environ.get('SAELIB_MODEL') or 'embedded'})", flush=True)
         run = run_notebook(path, out_dir / "executed", out_dir / "reports", timeout=timeout)

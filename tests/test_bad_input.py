@@ -32,6 +32,9 @@ def one_line_error(run, *fragments):
     (["train", "s", "o", "--lr", "-1"], "--lr: must be a positive number, got -1"),
     (["train", "s", "o", "--d-sae", "ten"], "--d-sae: 'ten' is not an integer"),
     (["autointerp", "s", "o.csv", "--tokens", "0"], "--tokens: must be a positive integer"),
+    (["autointerp", "s", "o.csv", "--features", "abc"], "--features: use 'all' or a positive number"),
+    (["run-notebooks", "--only", "99"], "--only 99 matches no notebook; the notebooks are 00_quickstart"),
+    (["run-notebooks", "--timeout", "0"], "--timeout: must be a positive integer"),
 ])
 def test_bad_flags_are_refused_when_parsed(flags, fragment):
     one_line_error(saelib(*flags), fragment)
