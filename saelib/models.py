@@ -143,6 +143,7 @@ def is_random_stand_in(name: str) -> bool:
 
 
 CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 SUPPORTED_HINT = ("saelib reads a folder through TransformerLens, so use an architecture it supports "
                   "(GPT-2, GPT-NeoX/Pythia, GPT-Neo, Llama, Mistral, Gemma, OPT, ...)")
 
@@ -151,13 +152,12 @@ def _first_sentence(err: Exception) -> str:
     """The start of an error message (TransformerBridge's lists every architecture it knows)."""
     text = str(err).strip()
     return text.split(". ")[0].rstrip(".")[:200]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def load_checkpoint_folder(folder: str | Path, device: str = "cpu", backend: str | None = None):
-    """A Hugging Face causal-LM checkpoint folder as a ``HookedTransformer``: the weights are
-    read by ``transformers`` (safetensors only) and converted by TransformerLens's loader for
-    that architecture, with the same weight processing as ``from_pretrained`` (LayerNorm
+    """A Hugging Face causal-LM checkpoint folder as a TransformerLens model (either backend):
+    the weights are read by ``transformers`` (safetensors only) and converted by TransformerLens's
+    loader for that architecture, with the same weight processing as ``from_pretrained`` (LayerNorm
     folded, writing weights and unembedding centred), so hook names and activations are
     those of the downloaded model."""
     folder = Path(folder).expanduser().resolve()
