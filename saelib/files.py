@@ -88,6 +88,17 @@ def content_digest(value) -> str:
     return digest.hexdigest()
 
 
+def _pid_alive(pid: int) -> bool:
+    """True while process ``pid`` runs on this machine (also when another user owns it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_orphan_tmp(folder: Path) -> list[Path]:
     """Delete the ``*.<pid>.tmp`` files ``write_atomic`` left in ``folder`` when its process was
     killed (their pid is no longer running on this machine); returns what was removed. A
@@ -95,15 +106,8 @@ def remove_orphan_tmp(folder: Path) -> list[Path]:
     removed = []
     for tmp in Path(folder).glob("*.tmp"):
         pid = tmp.suffixes[-2][1:] if len(tmp.suffixes) >= 2 else ""
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # its writer is alive: leave it
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, owned by another user
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue  # not ours to judge, or its writer is still at work
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
@@ -114,16 +118,6 @@ class FolderLockedError(RuntimeError):
 
 
 LOCK_FILE = ".writer.lock"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def acquire_lock(folder: Path, what: str = "folder") -> Path:
@@ -154,9 +148,11 @@ def acquire_lock(folder: Path, what: str = "folder") -> Path:
             if not owner and time.time() - path.stat().st_mtime > 60:
                 path.unlink(missing_ok=True)  # an empty lock older than a minute: its writer died mid-write
                 continue
+            holder = (f"process {pid} on {host} (since {owner.get('since', '?')})" if owner
+                      else "a process whose lock file is being written this instant or is damaged")
             raise FolderLockedError(
-                f"{what} {folder} is being written by process {pid} on {host} (since {owner.get('since', '?')}): "
-                f"wait for it to finish, or if that process is gone, delete {path} and run again") from None
+                f"{what} {folder} is being written by {holder}: wait for it to finish, or if that process is "
+                f"gone, delete {path} and run again") from None
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps(me))
         return path

@@ -110,8 +110,6 @@ class TrainConfig:
     afresh. Never resumed either way."""
 
     def __post_init__(self):
-        import math
-
         if self.batch_size <= 0:
             raise ValueError(f"batch_size {self.batch_size}: must be a positive number of vectors per step")
         if self.total_tokens < self.batch_size:
