@@ -119,8 +119,10 @@ def _open_dataset(name: str):
     """A streaming iterable of documents from local files or the Hugging Face hub."""
     from datasets import load_dataset
 
+    from .models import is_local_path
+
     path = Path(name).expanduser()
-    if path.exists() or name.startswith(("/", "./", "../", "~")):
+    if is_local_path(name):
         files = sorted(f for f in path.rglob("*") if f.suffix in LOCAL_FORMATS) if path.is_dir() else [path]
         if not files or not path.exists():
             raise FileNotFoundError(f"text {name}: no {'/'.join(LOCAL_FORMATS)} files there")
