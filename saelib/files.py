@@ -28,12 +28,28 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(err, DiskFullError):
-            raise DiskFullError(err.errno, f"disk full while writing {path}: free space and rerun the same "
-                                           "command; it resumes from what was written before") from None
+        if not isinstance(err, DiskFullError) and _is_disk_full(err, path):
+            raise DiskFullError(errno.ENOSPC, f"disk full while writing {path}: free space and rerun the same "
+                                              "command; it resumes from what was written before") from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _is_disk_full(err: OSError, path: Path) -> bool:
+    """ENOSPC / EDQUOT, or a short write with no errno (numpy's ``tofile`` reports a full disk
+    as "N requested and M written") on a file system that has next to no space left."""
+    import errno
+    import shutil
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if err.errno is None and "requested and" in str(err):
+        try:
+            return shutil.disk_usage(path.parent).free < 16 * 2**20
+        except OSError:
+            return True
+    return False
 
 
 def write_text_atomic(path: Path, text: str) -> None:

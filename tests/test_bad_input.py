@@ -120,3 +120,26 @@ def test_an_unexpected_failure_is_one_line_unless_debugging(monkeypatch, capsys)
     assert err.count("\n") == 1 and "RuntimeError: something nobody foresaw" in err and "--debug" in err
     with pytest.raises(RuntimeError, match="nobody foresaw"):
         cli.main(["harvest", "--hooks", "blocks.0.hook_resid_post", "--debug"])
+
+
+def test_a_real_full_disk_stops_the_harvest_with_one_line_and_the_rerun_finishes(tmp_path):
+    # A 256 KiB tmpfs where this process may mount one (root on Linux); elsewhere the simulated
+    # ENOSPC test above stands in.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:80]})")
+    try:
+        command = ["harvest", "--hooks", "blocks.0.hook_resid_post", "--tokens", 6000, "--dtype", "float32",
+                   "--shard-mb", 0.05, "--out-dir", disk]
+        run = saelib(*command)
+        one_line_error(run, "disk full while writing", "shard_", "free space and rerun the same command")
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        assert saelib(*command).returncode == 0
+        from saelib.store import ActivationStore
+
+        store = ActivationStore(disk / "blocks.0.hook_resid_post", verify="full")
+        assert store.manifest.complete and not list(disk.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
