@@ -6,7 +6,9 @@
     python -m saelib autointerp SAE_FOLDER OUT.csv [--features all] [--explainer patterns|top-tokens|llm]
 
 The options of ``harvest`` and ``train`` are the fields of ``HarvestConfig``, ``SAEConfig``
-and ``TrainConfig`` (their docstrings are the help), so they cannot drift apart.
+and ``TrainConfig`` (their docstrings are the help), so they cannot drift apart. A failure
+prints one line (exit 2 for bad input, files or disks; 1 for anything unexpected); add
+``--debug`` to any command to see its traceback instead.
     python -m saelib zoo corpus      # fetch sources, train the tokenizer, tokenize
     python -m saelib zoo train       # train the embedded LM (resumable; re-run to resume)
     python -m saelib zoo export      # copy the trained weights into data/
@@ -461,8 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume where the last checkpoint or shard stopped", file=sys.stderr)
         return 130
-    except (ModelNeedsNetworkError, TextNeedsNetworkError, FolderLockedError, DiskFullError, UnknownModelError, UnknownHookError, StoreError, SAEFormatError,
-            StaleCheckpointError, TrainingDivergedError, CorruptCheckpointError, LLMUnavailableError, LLMRequestError, FileNotFoundError, ValueError) as err:
+    except (ModelNeedsNetworkError, TextNeedsNetworkError, UnknownModelError, UnknownHookError,
+            StoreError, FolderLockedError, DiskFullError, SAEFormatError,
+            StaleCheckpointError, TrainingDivergedError, CorruptCheckpointError,
+            LLMUnavailableError, LLMRequestError, FileNotFoundError, ValueError) as err:
         # Errors that explain themselves: their message, without a traceback.
         if debug:
             raise
