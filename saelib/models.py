@@ -303,6 +303,59 @@ def hook_layer(hook_name: str) -> int | None:
 _EMBEDDING_MODULES = ("embed", "pos_embed", "unembed")
 
 
+def initialised_model(name: str = EMBEDDED, seed: int = 0, device: str | None = None, backend: str | None = None):
+    """The architecture of model ``name`` with its own initialisation, as a step-0 checkpoint
+    of its training would be: the re-initialised control of Heap et al. (2025). Unlike
+    ``randomize_weights`` (which redraws each tensor from the *trained* tensor's mean and
+    spread), nothing of the trained weights is kept, not even their scale.
+
+    The embedded model gets ``LeanGPT``'s initialisation (the one it was trained from); a
+    checkpoint folder or pretrained name gets ``transformers``' ``from_config`` initialisation
+    for its architecture, converted exactly as the trained weights are. Its ``cfg.model_name``
+    is ``<name>-init<seed>``, so its stores never share a folder with the trained model's."""
+    import tempfile
+
+    from .paths import path_label
+
+    device = device or _default_device()
+    name = str(name)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(seed)
+        if name == EMBEDDED:
+            from .zoo.lm import LeanGPT
+
+            cfg = LMConfig.load(data_dir() / "config.json")
+            lean = LeanGPT(cfg)
+            lean.reset_parameters_(torch.Generator().manual_seed(seed))
+            model = to_transformer_lens(lean.state_dict(), cfg, load_tokenizer(data_dir() / "tokenizer.json"), device,
+                                        backend)
+            label = EMBEDDED
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+            source = str(Path(name).expanduser().resolve()) if is_local_path(name) else _official_name(name)
+            hf_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+            with tempfile.TemporaryDirectory() as folder:
+                hf_model.save_pretrained(folder, safe_serialization=True)
+                AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+                model = load_checkpoint_folder(folder, device=device, backend=backend)
+            label = path_label(name)
+    model.cfg.model_name = f"{label}-init{seed}"
+    return model
+
+
+def _official_name(name: str) -> str:
+    try:  # TransformerLens 4 moved the name list out of the deleted loading module
+        from transformer_lens.supported_models import get_official_model_name
+    except ImportError:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    try:
+        return get_official_model_name(name)
+    except ValueError:
+        raise UnknownModelError(f"unknown model {name!r}: use 'embedded', a checkpoint folder or a TransformerLens "
+                                "pretrained name") from None
+
+
 @torch.no_grad()
 def randomize_weights(model, keep_embeddings: bool = False, seed: int = 0):
     """A copy of ``model`` with every weight tensor redrawn at random (the random-weights control).

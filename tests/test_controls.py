@@ -44,3 +44,41 @@ def test_token_variance_share_is_one_for_a_function_of_the_token_and_small_for_n
     assert token_variance_share(noise, tokens) < 0.02  # 20 group means of 250 noise vectors each
     half = table[tokens] + noise * table.std()  # token part and noise of equal variance
     assert 0.35 < token_variance_share(half, tokens) < 0.65
+
+
+def test_initialised_model_is_a_step_0_checkpoint(embedded):
+    # The architecture's own initialisation: a model that has learned nothing predicts nearly
+    # uniformly (loss near ln V), where the trained model and the statistics-matched
+    # re-randomisation do not; same seed, same weights; LayerNorm gains start at one.
+    import math
+
+    from saelib.models import initialised_model, model_fingerprint
+
+    fresh = initialised_model("embedded", seed=0, device="cpu")
+    tokens = embedded.to_tokens("The sailor saw the whale near the ship, and the whale swam away from the ship.")
+    with torch.no_grad():
+        uniform = math.log(embedded.cfg.d_vocab)
+        assert abs(float(fresh(tokens, return_type="loss")) - uniform) < 0.05
+        assert float(embedded(tokens, return_type="loss")) < uniform - 2
+    assert torch.equal(fresh.blocks[0].ln1.w, torch.ones_like(fresh.blocks[0].ln1.w))
+    assert fresh.cfg.model_name == "embedded-init0" and model_label(fresh) != model_label(embedded)
+    again, other = initialised_model("embedded", seed=0, device="cpu"), initialised_model("embedded", seed=1, device="cpu")
+    assert model_fingerprint(again) == model_fingerprint(fresh) != model_fingerprint(other)
+
+
+def test_initialised_model_of_a_checkpoint_folder(tmp_path):
+    from saelib.models import initialised_model, load_model
+    from saelib.zoo.checkpoints import make_checkpoint, train_small_tokenizer
+
+    # make_checkpoint's random stand-in *is* transformers' from_config initialisation under
+    # torch seed 3, so the re-initialised model of any folder of that architecture, at seed 3,
+    # must be that stand-in exactly, and at another seed must not be
+    folder = make_checkpoint(tmp_path / "gpt2", "gpt2", seed=3,
+                             tokenizer=train_small_tokenizer(vocab_size=512, n_windows=50))
+    stand_in = load_model(str(folder), device="cpu")
+    fresh, other = initialised_model(str(folder), seed=3, device="cpu"), initialised_model(str(folder), seed=4, device="cpu")
+    assert fresh.cfg.model_name == "gpt2-init3"
+    tokens = stand_in.to_tokens("The whale swam past the ship.")
+    with torch.no_grad():
+        assert torch.allclose(fresh(tokens), stand_in(tokens), atol=1e-5)
+        assert not torch.allclose(other(tokens), stand_in(tokens), atol=1e-3)
