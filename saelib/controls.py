@@ -63,3 +63,43 @@ def token_specificity(tables: dict[str, pd.DataFrame], single_token_share: float
             for name, table in tables.items()
         }
     ).T
+
+
+NOISE = "Gaussian noise"
+
+
+@torch.no_grad()
+def gaussian_noise_store(store, folder, seed: int = 0, sample_rows: int = 200_000, chunk_rows: int = 8192):
+    """A store of Gaussian noise with the mean and covariance of ``store``'s rows (estimated
+    on up to ``sample_rows`` of them), row for row beside the same token windows: the
+    control for which no model computed anything, so whatever an SAE or a token metric
+    finds there comes from the second-order statistics alone. Written through the same
+    store writer (checksums, resume); its model name is ``<model>-noise``."""
+    from .store import StoreManifest
+    from .store_writer import StoreWriter
+
+    m = store.manifest
+    sample_ND = store.rows(0, min(sample_rows, m.n_rows)).double()
+    mean_D = sample_ND.mean(0)
+    centred = sample_ND - mean_D
+    cov_DD = centred.T @ centred / max(len(sample_ND) - 1, 1)
+    # eigen-decomposition, not Cholesky: residual covariances are often rank-deficient
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov_DD)
+    factor_DD = eigenvectors * eigenvalues.clamp_min(0).sqrt()
+    generator = torch.Generator().manual_seed(seed)
+    manifest = StoreManifest(
+        model=f"{m.model}-noise", model_fingerprint=f"noise-{seed}-{m.model_fingerprint}", hook=m.hook, d_in=m.d_in,
+        dtype=m.dtype, shard_rows=m.shard_rows, context_len=m.context_len, n_contexts=m.n_contexts,
+        first_position=m.first_position, contexts_sha256="", special_token_ids=list(m.special_token_ids))
+    writer = StoreWriter(folder, manifest, np.asarray(store.contexts()))
+    try:
+        # every row is drawn again from the seed, so a resumed run appends exactly the rows a
+        # finished one would have; the writer drops those it already holds
+        for start in range(0, m.n_rows, chunk_rows):
+            rows = min(chunk_rows, m.n_rows - start)
+            noise_ND = torch.randn(rows, m.d_in, generator=generator, dtype=torch.float64) @ factor_DD.T + mean_D
+            writer.append(noise_ND.float())
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()

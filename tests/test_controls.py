@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import torch
 
@@ -82,3 +83,32 @@ def test_initialised_model_of_a_checkpoint_folder(tmp_path):
     with torch.no_grad():
         assert torch.allclose(fresh(tokens), stand_in(tokens), atol=1e-5)
         assert not torch.allclose(other(tokens), stand_in(tokens), atol=1e-3)
+
+
+def test_gaussian_noise_store_keeps_second_order_statistics_and_nothing_else(embedded, tmp_path):
+    # Residual activations carry the current token (token_variance_share well above 0); noise
+    # with the same mean and covariance, beside the same tokens, carries none of it.
+    from saelib.controls import gaussian_noise_store
+    from saelib.data import token_windows
+    from saelib.harvest import HarvestConfig, harvest
+    from saelib.store import ActivationStore
+
+    hook = "blocks.1.hook_resid_post"
+    tokens = token_windows(embedded, 8192, context_len=64, seed=0)
+    store = harvest(embedded, tokens, HarvestConfig(hooks=[hook], out_dir=str(tmp_path / "real"), progress=False))[hook]
+    noise = gaussian_noise_store(store, tmp_path / "noise", seed=0)
+    assert noise.manifest.complete and len(noise) == len(store) and noise.manifest.model == "embedded-noise"
+    real_ND, noise_ND = store.rows(0, len(store)).double(), noise.rows(0, len(noise)).double()
+    assert torch.allclose(noise_ND.mean(0), real_ND.mean(0), atol=0.05 * float(real_ND.std()))
+    real_cov, noise_cov = torch.cov(real_ND.T), torch.cov(noise_ND.T)
+    assert float((noise_cov - real_cov).norm() / real_cov.norm()) < 0.1
+    tokens = store.tokens_of(np.arange(len(store)))
+    # with G distinct tokens among N rows, a variable unrelated to the token still "explains"
+    # (G - 1) / (N - 1) of the variance on average (the chance level of this R^2)
+    chance = (len(np.unique(tokens)) - 1) / (len(tokens) - 1)
+    assert abs(token_variance_share(noise_ND.float(), tokens) - chance) < 0.03
+    assert token_variance_share(real_ND.float(), tokens) > chance + 0.3
+    # the same seed writes the same store (a killed run resumes to it)
+    again = gaussian_noise_store(store, tmp_path / "again", seed=0)
+    assert torch.equal(again.rows(0, 100), noise.rows(0, 100))
+    assert ActivationStore(tmp_path / "noise", verify="full").manifest.complete
