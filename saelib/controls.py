@@ -34,18 +34,31 @@ def control_models(model, seed: int = 0) -> dict:
     return variants
 
 
-def token_variance_share(x_ND: torch.Tensor, tokens_N: np.ndarray) -> float:
+def token_variance_share(x_ND: torch.Tensor, tokens_N: np.ndarray, adjusted: bool = True) -> float:
     """Share of the variance of activations ``x_ND`` explained by the identity of the
     current token (``tokens_N``): 1 − (variance around each token's mean) / (total
     variance). 1 when the activation is a function of the token alone; near 0 when the
-    token says nothing about it."""
+    token says nothing about it.
+
+    ``adjusted`` (default) corrects for chance, as an adjusted R²: with G distinct tokens
+    among N rows, group means fitted to pure noise already "explain" (G − 1) / (N − 1) of
+    its variance (tokens seen once explain their row entirely), so the sums of squares are
+    divided by their degrees of freedom, N − G and N − 1. Unrelated activations then score
+    0 whatever G/N is, and two samples with different token counts compare fairly."""
     x = x_ND.double()
     _, group_N = np.unique(np.asarray(tokens_N), return_inverse=True)
     group_N = torch.from_numpy(group_N.reshape(-1))
-    sums_TD = torch.zeros(int(group_N.max()) + 1, x.shape[1], dtype=torch.float64).index_add_(0, group_N, x)
+    n_rows, n_groups = len(group_N), int(group_N.max()) + 1
+    sums_TD = torch.zeros(n_groups, x.shape[1], dtype=torch.float64).index_add_(0, group_N, x)
     means_TD = sums_TD / torch.bincount(group_N).double()[:, None]
     within = (x - means_TD[group_N]).pow(2).sum(-1).mean()
-    return float(1 - within / variance_per_vector(x))
+    total = variance_per_vector(x)
+    if not adjusted:
+        return float(1 - within / total)
+    if n_rows <= n_groups:
+        raise ValueError(f"every one of the {n_rows} rows has its own token: the adjusted share is undefined; "
+                         "use more rows")
+    return float(1 - (within * n_rows / (n_rows - n_groups)) / (total * n_rows / (n_rows - 1)))
 
 
 def token_specificity(tables: dict[str, pd.DataFrame], single_token_share: float = 0.9) -> pd.DataFrame:
