@@ -116,3 +116,41 @@ def gaussian_noise_store(store, folder, seed: int = 0, sample_rows: int = 200_00
         writer.abort()
         raise
     return writer.close()
+
+
+@torch.no_grad()
+def context_dependence(model, sae, tokens_NL: torch.Tensor, seed: int = 0, batch_size: int = 32) -> np.ndarray:
+    """How much each SAE latent depends on the tokens *before* the current one: [d_sae].
+
+    At the last position of every window the latents are read twice: on the window as it
+    is, and with the tokens between BOS and the last one replaced by random text (the same
+    windows' tokens, shuffled across windows and positions), the current token kept. A
+    latent's dependence is Σ|a − a′| / Σ(a + a′) over the windows: 0 when it is a function
+    of the current token alone (as any latent at ``hook_embed`` is), near 1 when the context
+    decides it. NaN for a latent that fires in neither reading. Features that need learned
+    weights to exist (issue 19's "context features") are those with a high dependence."""
+    from .harvest import _capture, stop_layer
+    from .models import check_hook_name
+
+    hook = check_hook_name(model, sae.cfg.hook_name)
+    tokens_NL = torch.as_tensor(tokens_NL).long()
+    if tokens_NL.shape[1] < 3:
+        raise ValueError("windows need BOS, some context and a current token (context_len >= 3)")
+    generator = torch.Generator().manual_seed(seed)
+    middle = tokens_NL[:, 1:-1].reshape(-1)
+    shuffled = tokens_NL.clone()
+    shuffled[:, 1:-1] = middle[torch.randperm(len(middle), generator=generator)].reshape(len(tokens_NL), -1)
+    stop, device = stop_layer(model, [hook]), model.cfg.device
+    differences = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    totals = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    for start in range(0, len(tokens_NL), batch_size):
+        readings = []
+        for windows in (tokens_NL[start : start + batch_size], shuffled[start : start + batch_size]):
+            act = _capture(model, windows.to(device), [hook], stop)[hook][:, -1]
+            readings.append(sae.encode(act.flatten(1).to(sae.W_enc.dtype)).double().cpu())
+        original_BF, counterfactual_BF = readings
+        differences += (original_BF - counterfactual_BF).abs().sum(0)
+        totals += (original_BF + counterfactual_BF).abs().sum(0)
+    dependence = differences / totals
+    dependence[totals == 0] = float("nan")
+    return dependence.numpy()

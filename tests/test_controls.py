@@ -114,3 +114,23 @@ def test_gaussian_noise_store_keeps_second_order_statistics_and_nothing_else(emb
     again = gaussian_noise_store(store, tmp_path / "again", seed=0)
     assert torch.equal(again.rows(0, 100), noise.rows(0, 100))
     assert ActivationStore(tmp_path / "noise", verify="full").manifest.complete
+
+
+def test_context_dependence_is_zero_where_only_the_token_counts(embedded):
+    # At hook_embed an activation is a function of the current token alone, so every latent's
+    # dependence is exactly 0; after attention (layer 1 residual) the same kind of dictionary
+    # depends on the context.
+    from saelib.controls import context_dependence
+    from saelib.data import token_windows
+    from saelib.sae import SAEConfig, make_sae
+
+    tokens = token_windows(embedded, 64 * 32, context_len=32, seed=0)
+    d = embedded.cfg.d_model
+    dependences = {}
+    for hook in ("hook_embed", "blocks.1.hook_resid_post"):
+        torch.manual_seed(0)
+        sae = make_sae(SAEConfig(d_in=d, d_sae=64, architecture="topk", k=8, hook_name=hook))
+        dependences[hook] = context_dependence(embedded, sae, tokens)
+    at_embed, after_attention = dependences["hook_embed"], dependences["blocks.1.hook_resid_post"]
+    assert np.isfinite(at_embed).sum() > 20 and np.nanmax(at_embed) == 0.0
+    assert np.nanmedian(after_attention) > 0.2
