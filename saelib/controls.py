@@ -107,7 +107,8 @@ def gaussian_noise_store(store, folder, seed: int = 0, sample_rows: int = 200_00
     writer = StoreWriter(folder, manifest, np.asarray(store.contexts()))
     try:
         # every row is drawn again from the seed, so a resumed run appends exactly the rows a
-        # finished one would have; the writer drops those it already holds
+        # finished one would have; from row 0, the writer drops those it already holds
+        writer.seek(0)
         for start in range(0, m.n_rows, chunk_rows):
             rows = min(chunk_rows, m.n_rows - start)
             noise_ND = torch.randn(rows, m.d_in, generator=generator, dtype=torch.float64) @ factor_DD.T + mean_D

@@ -167,6 +167,11 @@ class StoreWriter:
     def append(self, acts_ND: torch.Tensor) -> None:
         """Add the next rows in store order; writes a shard whenever ``shard_rows`` are buffered."""
         n = acts_ND.shape[0]
+        if self.next_row + n > self.manifest.expected_rows:
+            raise StoreError(
+                f"{self.folder}: rows {self.next_row}..{self.next_row + n - 1} lie past the {self.manifest.expected_rows} "
+                "rows its token windows hold; a caller appended rows twice (a resumed writer starts at start_row: "
+                "seek(0) to append from the beginning)")
         skip = min(n, max(0, self.start_row - self.next_row))  # rows this store already has
         self.next_row += n
         if skip == n:

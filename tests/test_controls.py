@@ -95,7 +95,8 @@ def test_gaussian_noise_store_keeps_second_order_statistics_and_nothing_else(emb
 
     hook = "blocks.1.hook_resid_post"
     tokens = token_windows(embedded, 8192, context_len=64, seed=0)
-    store = harvest(embedded, tokens, HarvestConfig(hooks=[hook], out_dir=str(tmp_path / "real"), progress=False))[hook]
+    store = harvest(embedded, tokens, HarvestConfig(hooks=[hook], out_dir=str(tmp_path / "real"), shard_mb=0.5,
+                                                    progress=False))[hook]
     noise = gaussian_noise_store(store, tmp_path / "noise", seed=0)
     assert noise.manifest.complete and len(noise) == len(store) and noise.manifest.model == "embedded-noise"
     real_ND, noise_ND = store.rows(0, len(store)).double(), noise.rows(0, len(noise)).double()
@@ -110,10 +111,15 @@ def test_gaussian_noise_store_keeps_second_order_statistics_and_nothing_else(emb
     assert abs(token_variance_share(noise_ND.float(), tokens, adjusted=False) - chance) < 0.03
     assert abs(token_variance_share(noise_ND.float(), tokens)) < 0.03
     assert token_variance_share(real_ND.float(), tokens) > 0.3
-    # the same seed writes the same store (a killed run resumes to it)
-    again = gaussian_noise_store(store, tmp_path / "again", seed=0)
-    assert torch.equal(again.rows(0, 100), noise.rows(0, 100))
-    assert ActivationStore(tmp_path / "noise", verify="full").manifest.complete
+    # the same seed writes the same store, and a store that lost its last shards resumes to it
+    again = gaussian_noise_store(store, tmp_path / "again", seed=0, chunk_rows=1000)
+    assert torch.equal(again.rows(0, len(again)), noise.rows(0, len(noise)))
+    shards = sorted((tmp_path / "again").glob("shard_*.npy"))
+    assert len(shards) > 1
+    shards[-1].unlink()  # as if killed before its last shard landed
+    resumed = gaussian_noise_store(store, tmp_path / "again", seed=0, chunk_rows=1000)
+    assert len(resumed) == len(noise) and torch.equal(resumed.rows(0, len(resumed)), noise.rows(0, len(noise)))
+    assert ActivationStore(tmp_path / "again", verify="full").manifest.complete
 
 
 def test_context_dependence_is_zero_where_only_the_token_counts(embedded):

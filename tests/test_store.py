@@ -11,6 +11,7 @@ from saelib.store import (
     ActivationStore,
     CorruptShardError,
     NonFiniteActivationsError,
+    StoreError,
     StoreManifest,
     StoreMismatchError,
 )
@@ -234,3 +235,16 @@ def test_special_token_rows_are_left_out_on_request(tmp_path, acts_ND):
     assert sorted(map(tuple, kept.tolist())) == sorted(map(tuple, expected.tolist()))
     everything = torch.cat(list(store.iter_batches(batch_size=4, seed=2, drop_last=False)))
     assert len(everything) == 40
+
+
+def test_rows_past_the_windows_are_refused(tmp_path, acts_ND):
+    # A resumed writer counts from start_row; appending from row 0 without seek(0) used to
+    # add every row a second time to a store then marked complete.
+    write_store(tmp_path / "s", acts_ND, n_contexts=10)
+    contexts = np.arange(10 * CONTEXT_LEN, dtype=np.int32).reshape(10, CONTEXT_LEN)
+    writer = StoreWriter(tmp_path / "s", make_manifest(10), contexts)
+    with pytest.raises(StoreError, match="lie past the 40 rows its token windows hold.*seek"):
+        writer.append(acts_ND)
+    writer.seek(0)
+    writer.append(acts_ND)  # from the start: every row already held, nothing written
+    assert len(writer.close()) == 40

@@ -3,6 +3,7 @@ A diverging run stops with the step and the likely cause before anything is save
 state; a run that trains nothing writes nothing; a non-finite batch names its store, shard
 and row. The command-line cases run as real processes."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_divergence_keeps_the_last_good_checkpoint(store, tmp_path):
             yield torch.randn(64, D_IN, generator=generator)
         while True:
             yield torch.full((64, D_IN), 3e38)
-    diverging = dataclasses_replace(cfg, out_dir=str(tmp_path / "run2"))
+    diverging = dataclasses.replace(cfg, out_dir=str(tmp_path / "run2"))
     train_sae(sae_cfg(), batches, diverging, max_steps=10)
     kept = (tmp_path / "run2" / STATE_FILE).read_bytes()
     with pytest.raises(TrainingDivergedError, match=r"step 11: the loss is (nan|inf).*run2.*step 10\) is kept"):
@@ -77,12 +78,6 @@ def test_divergence_keeps_the_last_good_checkpoint(store, tmp_path):
     assert checkpoint.read_bytes() == before
     rows = [json.loads(r) for r in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)  # no NaN row was logged
-
-
-def dataclasses_replace(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 def test_nothing_to_train_is_refused(store, tmp_path):
