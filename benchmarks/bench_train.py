@@ -2,6 +2,13 @@
 
     python benchmarks/bench_train.py [--steps 12] [--threads 2] [--shapes 256,4096,32 512,16384,64]
     PYTHONPATH=/path/to/sae_lens/site python benchmarks/bench_train.py   # adds SAELens rows
+    python benchmarks/bench_train.py --under-load --steps 60   # quiet, then beside a busy process
+
+``--under-load`` runs every trainer twice: on the quiet machine, then while a competing
+process (a busy loop pinned to core 0, started and stopped by the benchmark) takes one core,
+and prints each trainer's loaded speed as a share of its quiet speed. With one of two cores
+taken the ideal is 50%. saelib's trainer adapts its thread count to the load
+(``saelib.threads``); it needs a few dozen steps to notice, hence more ``--steps``.
 
 For each shape (d_in, d_sae, k) every trainer runs the same number of steps on the same
 batches (batch 4096), in this one process, so the ratios are fair under background load:
@@ -25,7 +32,11 @@ plus 8 * B * k * d_in for the sparse decoder and gradients.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -52,12 +63,13 @@ def fvu(reconstruct, x_ND: torch.Tensor) -> float:
         return float(err / (x_ND - x_ND.mean(0)).pow(2).sum())
 
 
-def run_saelib(pool, steps, d_in, d_sae, k, architecture):
+def run_saelib(pool, steps, d_in, d_sae, k, architecture, adapt_threads=True):
     # Notebook 03's settings; warm-up scaled to the short run so most steps use the peak lr.
     relu = architecture == "relu"
     cfg = TrainConfig(total_tokens=steps * BATCH, batch_size=BATCH, lr=4e-3 if relu else 1e-3, progress=False,
                       lr_warmup_steps=max(1, steps // 10), l1_coefficient=0.1 if relu else 0.0,
-                      l1_warmup_steps=max(1, steps // 4) if relu else 0, dead_tokens=2 * BATCH)
+                      l1_warmup_steps=max(1, steps // 4) if relu else 0, dead_tokens=2 * BATCH,
+                      adapt_threads=adapt_threads)
     batches = lambda: itertools.islice(itertools.cycle(pool), steps)  # noqa: E731
     started = time.perf_counter()
     result = train_sae(SAEConfig(d_in, d_sae, architecture, k=k), batches, cfg)
@@ -108,21 +120,22 @@ def run_saelens_topk(pool, steps, d_in, d_sae, k):
     return seconds, lambda x: trained.decode(trained.encode(x))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="optimiser steps per trainer and shape")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--shapes", nargs="+", default=["256,4096,32", "512,16384,64"], help="d_in,d_sae,k")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+@contextlib.contextmanager
+def competing_process(core: int = 0):
+    """A CPU-bound process pinned to ``core`` for the duration of the block."""
+    spin = f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"
+    process = subprocess.Popen([sys.executable, "-c", spin])
     try:
-        import sae_lens  # noqa: F401
+        time.sleep(0.5)  # let it start spinning
+        yield process
+    finally:
+        process.kill()
+        process.wait()
 
-        have_saelens = True
-    except ImportError:
-        have_saelens = False
-    print(f"batch {BATCH}, {args.steps} steps each, {args.threads} threads, SAELens "
-          f"{'found' if have_saelens else 'not importable: its rows are skipped'}")
+
+def measure(args, have_saelens: bool) -> dict:
+    """{(shape, trainer): (tokens/s, FVU, GFLOP/s, share of matmul)}, printing the table."""
+    out = {}
     header = f"{'shape':>16s} {'trainer':>14s} {'tok/s':>8s} {'FVU':>6s} {'vs ref':>7s} {'GFLOP/s':>8s} {'of matmul':>9s}"
     for shape in args.shapes:
         d_in, d_sae, k = (int(v) for v in shape.split(","))
@@ -138,6 +151,8 @@ def main() -> None:
             "dense topk": lambda: run_dense_topk(pool, args.steps, d_in, d_sae, k),
             "saelib relu": lambda: run_saelib(pool, args.steps, d_in, d_sae, k, "relu"),
         }
+        if args.under_load:  # the same trainer with the thread count held fixed, as before saelib.threads
+            runs["saelib fixed"] = lambda: run_saelib(pool, args.steps, d_in, d_sae, k, "topk", adapt_threads=False)
         if have_saelens:
             runs["sae_lens topk"] = lambda: run_saelens_topk(pool, args.steps, d_in, d_sae, k)
         results = {name: run() for name, run in runs.items()}
@@ -147,9 +162,48 @@ def main() -> None:
         sparse_flops = 2 * BATCH * d_in * d_sae + 8 * BATCH * k * d_in
         for name, (seconds, reconstruct) in results.items():
             rate = args.steps * BATCH / seconds
-            flops = (sparse_flops if name == "saelib topk" else dense_flops) * args.steps / seconds
-            print(f"{shape:>16s} {name:>14s} {rate:8.0f} {fvu(reconstruct, held_out):6.3f} {rate / ref_rate:6.2f}x "
+            flops = (sparse_flops if name in ("saelib topk", "saelib fixed") else dense_flops) * args.steps / seconds
+            error = fvu(reconstruct, held_out)
+            print(f"{shape:>16s} {name:>14s} {rate:8.0f} {error:6.3f} {rate / ref_rate:6.2f}x "
                   f"{flops / 1e9:8.1f} {flops / peak:8.0%}")
+            out[shape, name] = (rate, error, flops / 1e9, flops / peak)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=12, help="optimiser steps per trainer and shape")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shapes", nargs="+", default=["256,4096,32", "512,16384,64"], help="d_in,d_sae,k")
+    parser.add_argument("--under-load", action="store_true",
+                        help="measure quiet, then beside a busy process pinned to core 0, and print the shares")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import sae_lens  # noqa: F401
+
+        have_saelens = True
+    except ImportError:
+        have_saelens = False
+    print(f"batch {BATCH}, {args.steps} steps each, {args.threads} threads, SAELens "
+          f"{'found' if have_saelens else 'not importable: its rows are skipped'}")
+    if not args.under_load:
+        measure(args, have_saelens)
+        return
+    if len(os.sched_getaffinity(0)) < 2:
+        sys.exit("--under-load needs at least 2 cores (one for the competing process)")
+    print("\n== quiet ==")
+    quiet = measure(args, have_saelens)
+    print("\n== beside a busy loop pinned to core 0 ==")
+    with competing_process(core=0):
+        loaded = measure(args, have_saelens)
+    print(f"\n== under load: share of quiet speed (ideal with 1 of {len(os.sched_getaffinity(0))} cores taken: "
+          f"{1 - 1 / len(os.sched_getaffinity(0)):.0%}) ==")
+    print(f"{'shape':>16s} {'trainer':>14s} {'quiet tok/s':>12s} {'loaded tok/s':>13s} {'share':>6s} {'FVU q/l':>13s}")
+    for key, (rate, error, _, _) in quiet.items():
+        loaded_rate, loaded_error = loaded[key][0], loaded[key][1]
+        print(f"{key[0]:>16s} {key[1]:>14s} {rate:12.0f} {loaded_rate:13.0f} {loaded_rate / rate:6.0%} "
+              f"{error:6.3f}/{loaded_error:.3f}")
 
 
 if __name__ == "__main__":

@@ -41,10 +41,11 @@ from .sparse_ops import SparseDecode, SparseEncode
 from .files import content_digest, remove_orphan_tmp, write_atomic
 from .metrics import variance_per_vector
 from .store import ActivationStore
+from .threads import ThreadGovernor
 
 STATE_FILE = "trainer_state.pt"
 # TrainConfig fields a resumed run may change: they do not alter the steps taken.
-_RESUME_FREE = {"out_dir", "progress", "log_every", "checkpoint_minutes", "restart_stale"}
+_RESUME_FREE = {"out_dir", "progress", "log_every", "checkpoint_minutes", "restart_stale", "adapt_threads"}
 STALE_SUFFIX = ".stale"
 METRICS_FILE = "metrics.jsonl"
 
@@ -103,6 +104,10 @@ class TrainConfig:
     """Folder for checkpoints and ``metrics.jsonl``; empty: keep nothing on disk."""
     progress: bool = True
     """Show a tqdm bar."""
+    adapt_threads: bool = True
+    """On a CPU, follow the machine's load: when steps slow down (another process took a
+    core), try fewer intra-op threads and keep them while they are faster
+    (``saelib.threads.ThreadGovernor``). A quiet machine never sees a change."""
     restart_stale: bool = False
     """A checkpoint in ``out_dir`` from another SAE config, other training settings or
     other data (``ActivationStore.fingerprint``): False refuses it, naming what differs;
@@ -460,15 +465,23 @@ class SAETrainer:
         bar = tqdm(total=last, initial=self.step, desc=f"train {self.sae.architecture} SAE", unit="step",
                    disable=not self.cfg.progress)
         self.sae.train()
+        governor = ThreadGovernor() if self.cfg.adapt_threads and self.device.type == "cpu" else None
         try:
+            step_started = time.perf_counter()
             while self.step < last and (raw_BD := next(batches, None)) is not None:
                 x_BD = self._prepared(raw_BD, source, log, extra_metrics)
                 record = self.train_step(x_BD)
                 self._log_step(record, log, bar, extra_metrics)
                 self._checkpoint_if_due()
-                if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
+                now = time.perf_counter()
+                if governor is not None:
+                    governor.step_done(now - step_started)
+                step_started = now
+                if max_minutes is not None and now - started > 60 * max_minutes:
                     break
         finally:
+            if governor is not None:
+                governor.restore()
             bar.close()
             log.close()
         return self._finish(log, first_step, time.perf_counter() - started, source)
