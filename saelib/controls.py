@@ -51,6 +51,10 @@ def control_models(model, name: str, seed: int = 0) -> dict:
 
     fresh = initialised_model(name, seed=seed, device=str(model.cfg.device),
                               backend="bridge" if is_bridge(model) else "hooked")
+    shape = lambda m: (m.cfg.n_layers, m.cfg.d_model, m.cfg.d_vocab)  # noqa: E731
+    if shape(fresh) != shape(model):
+        raise ValueError(f"model name {name!r} is another architecture (layers, d_model, vocabulary {shape(fresh)}) "
+                         f"than the model given {shape(model)}: pass the name the model was loaded by")
     kept = randomize_weights(model, keep_embeddings=True, seed=seed)
     kept.cfg.model_name = f"{model_label(model)}-random{seed}-trained-embeddings"
     return {TRAINED: model, REINITIALISED: fresh, RANDOM_REAL_EMBEDDINGS: kept}

@@ -28,6 +28,15 @@ def test_control_models_are_the_step_0_model_and_the_re_randomised_one(embedded)
     assert len({model_label(v) for v in variants.values()}) == 3
 
 
+def test_control_models_refuse_a_name_of_another_architecture(embedded, tmp_path):
+    from saelib.zoo.checkpoints import make_checkpoint, train_small_tokenizer
+
+    folder = make_checkpoint(tmp_path / "gpt2", "gpt2", seed=3,
+                             tokenizer=train_small_tokenizer(vocab_size=512, n_windows=50))
+    with pytest.raises(ValueError, match="another architecture .* pass the name the model was loaded by"):
+        control_models(embedded, str(folder), seed=0)
+
+
 def test_token_specificity_counts_single_token_features():
     table = pd.DataFrame({"top_token_share": [1.0, 0.95, 0.2, 0.5], "token_entropy": [0.0, 0.1, 2.0, 1.0]})
     summary = token_specificity(table, single_token_share=0.9)
