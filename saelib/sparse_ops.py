@@ -1,96 +1,133 @@
-"""Autograd functions that touch only the k active latents of each row.
+"""Autograd functions that touch only the active latents of each row.
 
-A TopK SAE's latents hold ``k`` nonzeros out of ``d_sae`` per row, so the decoder and
-every weight gradient can be computed from ``(values_BK, indices_BK)`` alone. Plain
-autograd would instead run dense ``[B, d_sae] x [d_sae, d_in]`` products in the decoder
-and in both weight gradients; here the one dense product left is the encoder's forward
-pass, which must see every latent to pick the top k.
+An SAE's latents hold a few nonzeros out of ``d_sae`` per row: exactly ``k`` for TopK, a
+varying number for ReLU and BatchTopK. The decoder and every weight gradient can be
+computed from those entries alone, kept as a ``SparseCode`` (CSR layout: which latents
+each row touches) and one value per entry. Plain autograd would instead run dense
+``[B, d_sae] x [d_sae, d_in]`` products in the decoder and in both weight gradients; here
+the one dense product left is the encoder's forward pass, which must see every latent to
+pick the active ones.
 
 Both functions reduce to one primitive, the *scatter outer product*
-``out[indices[b, j]] += weights[b, j] * rows[b]``, which is a sparse ``[d_sae, B]`` by
-dense ``[B, d_in]`` product (``torch.sparse.mm`` on a CSR matrix).
+``out[latent[n]] += weights[n] * rows[row[n]]``, which is a sparse ``[d_sae, B]`` by dense
+``[B, d_in]`` product (``torch.sparse.mm`` on a CSR matrix).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 
-# torch flags CSR tensors as beta on every construction; the one product used here is stable.
+# torch flags CSR tensors as beta on every construction; the products used here are stable.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
-def scatter_outer(indices_BK: torch.Tensor, weights_BK: torch.Tensor, rows_BD: torch.Tensor, n_out: int) -> torch.Tensor:
-    """``out[f] = sum over (b, j) with indices[b, j] == f of weights[b, j] * rows[b]``: [n_out, D]."""
-    B, K = indices_BK.shape
-    flat_index = indices_BK.reshape(-1)
-    order = torch.argsort(flat_index, stable=True)
-    sorted_index = flat_index[order]
-    crow = torch.zeros(n_out + 1, dtype=torch.int64, device=rows_BD.device)
-    crow[1:] = torch.cumsum(torch.bincount(sorted_index, minlength=n_out), 0)
-    col = torch.div(order, K, rounding_mode="floor")  # the row b each entry came from
-    values = weights_BK.reshape(-1)[order].to(rows_BD.dtype)
-    matrix = torch.sparse_csr_tensor(crow, col, values, size=(n_out, B), check_invariants=False)
+class SparseCode(NamedTuple):
+    """Where a batch's entries sit: row ``b`` owns entries ``crow_B1[b]:crow_B1[b + 1]``,
+    their latents ascending within the row. Values travel beside it as a flat [N] tensor."""
+
+    crow_B1: torch.Tensor
+    """int64 [B + 1]: row offsets into the entries."""
+    latent_N: torch.Tensor
+    """int64 [N]: the latent of each entry, distinct and ascending within a row."""
+    row_N: torch.Tensor
+    """int64 [N]: the row of each entry."""
+    n_latents: int
+    """d_sae."""
+
+    @classmethod
+    def from_rows(cls, values_BK: torch.Tensor, indices_BK: torch.Tensor, n_latents: int) -> tuple["SparseCode", torch.Tensor]:
+        """``K`` entries per row (TopK's selection; indices distinct within a row):
+        (code, values_N) with each row's entries sorted by latent."""
+        B, K = indices_BK.shape
+        latent_BK, order_BK = indices_BK.sort(dim=1)
+        device = indices_BK.device
+        crow = torch.arange(0, B * K + 1, K, device=device)
+        row_N = torch.arange(B, device=device).repeat_interleave(K)
+        return cls(crow, latent_BK.reshape(-1), row_N, n_latents), values_BK.gather(1, order_BK).reshape(-1)
+
+    @classmethod
+    def from_mask(cls, active_BF: torch.Tensor, values_BF: torch.Tensor) -> tuple["SparseCode", torch.Tensor]:
+        """Every ``True`` of ``active_BF`` is an entry: (code, values_N) with ``values_BF``
+        at those places. Rows may hold any number of entries, none included."""
+        B, F = active_BF.shape
+        row_N, latent_N = active_BF.nonzero(as_tuple=True)  # row-major: latents ascend within a row
+        crow = torch.zeros(B + 1, dtype=torch.int64, device=active_BF.device)
+        crow[1:] = torch.cumsum(active_BF.sum(1), 0)
+        return cls(crow, latent_N, row_N, F), values_BF[row_N, latent_N]
+
+    def fired(self, active_N: torch.Tensor) -> torch.Tensor:
+        """bool [n_latents]: latents with at least one entry where ``active_N`` holds."""
+        fired_F = torch.zeros(self.n_latents, dtype=torch.bool, device=self.latent_N.device)
+        fired_F[self.latent_N[active_N]] = True
+        return fired_F
+
+
+def scatter_outer(code: SparseCode, weights_N: torch.Tensor, rows_BD: torch.Tensor) -> torch.Tensor:
+    """``out[f] = sum over entries n of latent f of weights[n] * rows[row[n]]``: [n_latents, D]."""
+    order = torch.argsort(code.latent_N, stable=True)
+    crow = torch.zeros(code.n_latents + 1, dtype=torch.int64, device=rows_BD.device)
+    crow[1:] = torch.cumsum(torch.bincount(code.latent_N, minlength=code.n_latents), 0)
+    values = weights_N[order].to(rows_BD.dtype)
+    matrix = torch.sparse_csr_tensor(crow, code.row_N[order], values, size=(code.n_latents, rows_BD.shape[0]),
+                                     check_invariants=False)
     return torch.sparse.mm(matrix, rows_BD)
 
 
-def gather_dot(rows_BD: torch.Tensor, table_FD: torch.Tensor, indices_BK: torch.Tensor) -> torch.Tensor:
-    """``out[b, j] = rows[b] . table[indices[b, j]]``: [B, K]; indices must be distinct within
-    a row. A sampled dense-dense product on a CSR pattern: only the B*K dot products run,
-    with no [B, K, D] gather in memory."""
-    B, K = indices_BK.shape
-    sorted_BK, order_BK = indices_BK.sort(dim=1)  # CSR wants ascending columns in each row
-    crow = torch.arange(0, B * K + 1, K, device=rows_BD.device)
-    pattern = torch.sparse_csr_tensor(crow, sorted_BK.reshape(-1), torch.zeros(B * K, dtype=rows_BD.dtype, device=rows_BD.device),
-                                      size=(B, table_FD.shape[0]), check_invariants=False)
-    dots_BK = torch.sparse.sampled_addmm(pattern, rows_BD, table_FD.T, beta=0.0).values().reshape(B, K)
-    return torch.empty_like(dots_BK).scatter_(1, order_BK, dots_BK)
+def gather_dot(rows_BD: torch.Tensor, table_FD: torch.Tensor, code: SparseCode) -> torch.Tensor:
+    """``out[n] = rows[row[n]] . table[latent[n]]``: [N]. A sampled dense-dense product on
+    the code's CSR pattern: only the N dot products run, with no [N, D] gather in memory."""
+    pattern = torch.sparse_csr_tensor(code.crow_B1, code.latent_N, torch.zeros(len(code.latent_N), dtype=rows_BD.dtype,
+                                      device=rows_BD.device), size=(rows_BD.shape[0], code.n_latents), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, rows_BD, table_FD.T, beta=0.0).values()
 
 
-def sparse_decode_rows(values_BK: torch.Tensor, indices_BK: torch.Tensor, W_dec_FD: torch.Tensor) -> torch.Tensor:
-    """``sum_j values[b, j] * W_dec[indices[b, j]]``: [B, D] (no autograd)."""
-    return torch.nn.functional.embedding_bag(indices_BK, W_dec_FD, per_sample_weights=values_BK.to(W_dec_FD.dtype), mode="sum")
+def sparse_decode_rows(values_N: torch.Tensor, code: SparseCode, W_dec_FD: torch.Tensor) -> torch.Tensor:
+    """``out[b] = sum over row b's entries n of values[n] * W_dec[latent[n]]``: [B, D] (no autograd)."""
+    return torch.nn.functional.embedding_bag(code.latent_N, W_dec_FD, offsets=code.crow_B1[:-1],
+                                             per_sample_weights=values_N.to(W_dec_FD.dtype), mode="sum")
 
 
 class SparseDecode(torch.autograd.Function):
-    """Decoder of a k-sparse code: [B, K] values and indices, W_dec [F, D] -> [B, D]."""
+    """Decoder of a sparse code: values [N] at ``code``, W_dec [F, D] -> [B, D]."""
 
     @staticmethod
-    def forward(ctx, values_BK, indices_BK, W_dec_FD):
-        ctx.save_for_backward(values_BK, indices_BK, W_dec_FD)
-        return sparse_decode_rows(values_BK, indices_BK, W_dec_FD)
+    def forward(ctx, values_N, code, W_dec_FD):
+        ctx.code = code
+        ctx.save_for_backward(values_N, W_dec_FD)
+        return sparse_decode_rows(values_N, code, W_dec_FD)
 
     @staticmethod
     def backward(ctx, grad_BD):
-        values_BK, indices_BK, W_dec_FD = ctx.saved_tensors
-        grad_values = gather_dot(grad_BD, W_dec_FD, indices_BK) if ctx.needs_input_grad[0] else None
-        grad_W_dec = scatter_outer(indices_BK, values_BK, grad_BD, W_dec_FD.shape[0]) if ctx.needs_input_grad[2] else None
+        values_N, W_dec_FD = ctx.saved_tensors
+        grad_values = gather_dot(grad_BD, W_dec_FD, ctx.code) if ctx.needs_input_grad[0] else None
+        grad_W_dec = scatter_outer(ctx.code, values_N, grad_BD) if ctx.needs_input_grad[2] else None
         return grad_values, None, grad_W_dec
 
 
 class SparseEncode(torch.autograd.Function):
-    """Selected pre-activations of the encoder, ``((x - b_dec) @ W_enc + b_enc)[b, indices[b, j]]``.
+    """Selected pre-activations of the encoder, ``((x - b_dec) @ W_enc + b_enc)[row[n], latent[n]]``.
 
-    The dense pre-activations are computed once, outside autograd, to choose ``indices``;
-    they are passed in as ``pre_BK`` so nothing is recomputed. The backward pass only
-    touches the selected columns: W_enc's gradient is a scatter outer product, b_enc's a
+    The dense pre-activations are computed once, outside autograd, to choose the entries;
+    they are passed in as ``pre_N`` so nothing is recomputed. The backward pass only
+    touches the selected entries: W_enc's gradient is a scatter outer product, b_enc's a
     scatter sum, and b_dec's ``-W_enc @ grad_b_enc`` (the inputs ``x`` are data).
     """
 
     @staticmethod
-    def forward(ctx, pre_BK, x_BD, b_dec_D, W_enc_DF, b_enc_F, indices_BK):
-        ctx.save_for_backward(x_BD, b_dec_D, W_enc_DF, indices_BK)
-        return pre_BK.clone()
+    def forward(ctx, pre_N, code, x_BD, b_dec_D, W_enc_DF, b_enc_F):
+        ctx.code = code
+        ctx.save_for_backward(x_BD, b_dec_D, W_enc_DF)
+        return pre_N.clone()
 
     @staticmethod
-    def backward(ctx, grad_BK):
-        x_BD, b_dec_D, W_enc_DF, indices_BK = ctx.saved_tensors
-        d_sae = W_enc_DF.shape[1]
-        grad_b_enc = torch.zeros(d_sae, dtype=grad_BK.dtype, device=grad_BK.device)
-        grad_b_enc.index_add_(0, indices_BK.reshape(-1), grad_BK.reshape(-1))
-        grad_W_enc = None
-        if ctx.needs_input_grad[3]:
-            grad_W_enc = scatter_outer(indices_BK, grad_BK, x_BD - b_dec_D, d_sae).T.contiguous()
-        grad_b_dec = -(W_enc_DF @ grad_b_enc) if ctx.needs_input_grad[2] else None
-        return None, None, grad_b_dec, grad_W_enc, grad_b_enc, None
+    def backward(ctx, grad_N):
+        x_BD, b_dec_D, W_enc_DF = ctx.saved_tensors
+        code = ctx.code
+        grad_b_enc = torch.zeros(code.n_latents, dtype=grad_N.dtype, device=grad_N.device)
+        grad_b_enc.index_add_(0, code.latent_N, grad_N)
+        grad_W_enc = scatter_outer(code, grad_N, x_BD - b_dec_D).T.contiguous() if ctx.needs_input_grad[4] else None
+        grad_b_dec = -(W_enc_DF @ grad_b_enc) if ctx.needs_input_grad[3] else None
+        return None, None, None, grad_b_dec, grad_W_enc, grad_b_enc

@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .sae import SAEConfig, SparseAutoencoder, init_b_dec_, init_from_data_, init_tied_, make_sae
-from .sparse_ops import SparseDecode, SparseEncode
+from .sparse_ops import SparseCode, SparseDecode, SparseEncode
 from .files import content_digest, remove_orphan_tmp, write_atomic
 from .metrics import variance_per_vector
 from .store import ActivationStore
@@ -207,11 +207,11 @@ def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, pre_BF: torch.Tensor, e
         return x_BD.new_zeros(())
     with torch.no_grad():
         dead_pre_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
-        pre_BK, indices_BK = dead_pre_BF.topk(min(aux_k, n_dead), dim=-1)
-    values_BK = SparseEncode.apply(pre_BK, x_BD, sae.b_dec.detach(), sae.W_enc, sae.b_enc, indices_BK)
+        code, pre_N = SparseCode.from_rows(*dead_pre_BF.topk(min(aux_k, n_dead), dim=-1), sae.cfg.d_sae)
+    values_N = SparseEncode.apply(pre_N, code, x_BD, sae.b_dec.detach(), sae.W_enc, sae.b_enc)
     if relu:
-        values_BK = torch.relu(values_BK)
-    aux_recon_BD = SparseDecode.apply(values_BK, indices_BK, sae.W_dec)
+        values_N = torch.relu(values_N)
+    aux_recon_BD = SparseDecode.apply(values_N, code, sae.W_dec)
     target_BD = error_BD.detach()
     spread = variance_per_vector(target_BD).clamp_min(1e-12)
     scale = min(1.0, n_dead / aux_k)
