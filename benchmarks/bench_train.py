@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from saelib.sae import SAEConfig
+from saelib.sae import SAEConfig, init_tied_, make_sae
 from saelib.toy import ToyConfig, ToyData
 from saelib.train import TrainConfig, train_sae
 
@@ -78,9 +78,13 @@ def run_saelib(pool, steps, d_in, d_sae, k, architecture, adapt_threads=True):
 
 def run_dense_topk(pool, steps, d_in, d_sae, k):
     """The TopK SAE in plain autograd: what a straightforward implementation costs."""
-    torch.manual_seed(0)
-    W_dec = torch.nn.functional.normalize(torch.randn(d_sae, d_in), dim=1).requires_grad_()
-    W_enc = W_dec.detach().T.clone().requires_grad_()
+    # saelib's tied initialisation (seed 0), so both start from the same atoms. A plain
+    # torch.manual_seed(0) draw would replay the toy data's own seed-0 draw: the first
+    # 4 x d_in atoms would *be* the ground-truth features, a head start no real run has.
+    start = make_sae(SAEConfig(d_in, d_sae, "topk", k=k))
+    init_tied_(start, seed=0)
+    W_dec = start.W_dec.detach().clone().requires_grad_()
+    W_enc = start.W_enc.detach().clone().requires_grad_()
     b_enc = torch.zeros(d_sae, requires_grad=True)
     b_dec = pool[0].mean(0).clone().requires_grad_()
     params = [W_enc, b_enc, W_dec, b_dec]
