@@ -81,14 +81,24 @@ class TrainOutput(NamedTuple):
 
     recon_BD: torch.Tensor
     """Reconstruction, with autograd."""
-    pre_BF: torch.Tensor
-    """Encoder pre-activations without autograd (AuxK picks dead latents from them)."""
+    dead_BK: tuple[torch.Tensor, torch.Tensor] | None
+    """(pre-activations, latents) [B, K] of each row's ``aux_k`` largest dead latents, without
+    autograd, for the AuxK loss; None when no latent is dead or none was asked for."""
     fired_F: torch.Tensor
     """bool [d_sae]: latents active on at least one row of the batch."""
     l0: torch.Tensor
     """Mean number of active latents per row (a float tensor, no autograd)."""
     l1_BF_sum: torch.Tensor
     """Sum of latent activations per row, averaged (with autograd for L1-penalised kinds)."""
+
+
+def top_dead(pre_BF: torch.Tensor, dead_F: torch.Tensor | None, aux_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(values, latents) [B, min(aux_k, dead)] of each row's largest pre-activations among the
+    latents ``dead_F`` marks; None when there are none to pick (no AuxK this step)."""
+    n_dead = 0 if dead_F is None else int(dead_F.sum())
+    if n_dead == 0 or aux_k == 0:
+        return None
+    return pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(aux_k, n_dead), dim=-1)
 
 
 class SparseAutoencoder(nn.Module):
@@ -130,20 +140,21 @@ class SparseAutoencoder(nn.Module):
         latents_BF = self.encode(x_BD)
         return SAEOutput(self.decode(latents_BF), latents_BF)
 
-    def train_forward(self, x_BD: torch.Tensor) -> TrainOutput:
-        """Dense default: plain autograd through ``encode`` and ``decode``."""
+    def train_forward(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None = None, aux_k: int = 0) -> TrainOutput:
+        """Dense default: plain autograd through ``encode`` and ``decode``. ``dead_F`` (bool
+        [d_sae]) and ``aux_k``: also pick each row's ``aux_k`` largest dead latents for AuxK."""
         pre_BF = self.pre_acts(x_BD)
         latents_BF = self.activation(pre_BF)
         active_BF = latents_BF > 0
         return TrainOutput(
             recon_BD=self.decode(latents_BF),
-            pre_BF=pre_BF.detach(),
+            dead_BK=top_dead(pre_BF.detach(), dead_F, aux_k),
             fired_F=active_BF.any(0),
             l0=active_BF.sum(-1).float().mean(),
             l1_BF_sum=latents_BF.sum(-1).mean(),
         )
 
-    def _sparse_train_forward(self, x_BD, pre_BF, pre_N, code: SparseCode) -> TrainOutput:
+    def _sparse_train_forward(self, x_BD, pre_N, code: SparseCode, dead_BK) -> TrainOutput:
         """Training forward pass through the entries of ``code`` alone (``pre_N`` their
         detached pre-activations; an entry at 0 neither fires nor learns). Gradients equal
         the dense pass's whenever every other latent is inactive."""
@@ -151,7 +162,7 @@ class SparseAutoencoder(nn.Module):
         recon_BD = SparseDecode.apply(values_N, code, self.W_dec) + self.b_dec
         active_N = values_N.detach() > 0
         B = x_BD.shape[0]
-        return TrainOutput(recon_BD, pre_BF, code.fired(active_N), active_N.sum().float() / B, values_N.sum() / B)
+        return TrainOutput(recon_BD, dead_BK, code.fired(active_N), active_N.sum().float() / B, values_N.sum() / B)
 
     def _check_width(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
@@ -217,7 +228,7 @@ class ReluSAE(SparseAutoencoder):
     def activation(self, pre_BF):
         return torch.relu(pre_BF)
 
-    def train_forward(self, x_BD):
+    def train_forward(self, x_BD, dead_F=None, aux_k=0):
         # Once trained, ReLU codes are sparse too: then only the active entries are touched,
         # however unevenly they spread over rows (a few rows often fire a third of all latents).
         with torch.no_grad():
@@ -225,10 +236,11 @@ class ReluSAE(SparseAutoencoder):
             active_BF = pre_BF > 0
             n_active = int(active_BF.sum())
         if n_active > self.sparse_density_limit * pre_BF.numel() or n_active == 0:
-            return super().train_forward(x_BD)
+            return super().train_forward(x_BD, dead_F, aux_k)
         with torch.no_grad():
             code, pre_N = SparseCode.from_mask(active_BF, pre_BF)
-        return self._sparse_train_forward(x_BD, pre_BF, pre_N, code)
+            dead_BK = top_dead(pre_BF, dead_F, aux_k)
+        return self._sparse_train_forward(x_BD, pre_N, code, dead_BK)
 
 
 @register("topk")
@@ -240,16 +252,45 @@ class TopKSAE(SparseAutoencoder):
         values_BK, indices_BK = pre_BF.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre_BF).scatter_(-1, indices_BK, torch.relu(values_BK))
 
+    block_rows = 512
+    """Rows per block of the training encoder: a block's pre-activations [block_rows, d_sae]
+    are still in cache when the top-k reads them. Over a whole [4096, 4096] batch, whose
+    64 MB leave the cache, the matmul + top-k took 153 ms; by blocks, 106 ms (2-core CPU)."""
+
     def select(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values_BK, indices_BK) of the latents that may fire, from detached pre-activations."""
         return pre_BF.topk(self.cfg.k, dim=-1)
 
-    def train_forward(self, x_BD):
+    @torch.no_grad()
+    def select_by_blocks(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None = None, aux_k: int = 0):
+        """``select(pre_acts(x_BD))`` and ``top_dead`` of the same pre-activations, computed
+        ``block_rows`` rows at a time without ever holding all [B, d_sae] of them:
+        ((values_BK, indices_BK), dead_BK or None)."""
+        B, F = x_BD.shape[0], self.cfg.d_sae
+        n_dead = 0 if dead_F is None else int(dead_F.sum())
+        n_aux = min(aux_k, n_dead)
+        values_BK, indices_BK = x_BD.new_empty(B, self.cfg.k), torch.empty(B, self.cfg.k, dtype=torch.int64, device=x_BD.device)
+        if n_aux:
+            dead_values_BK, dead_indices_BK = x_BD.new_empty(B, n_aux), torch.empty(B, n_aux, dtype=torch.int64, device=x_BD.device)
+        centred_BD = x_BD - self.b_dec
+        block = x_BD.new_empty(min(B, self.block_rows), F)
+        for start in range(0, B, self.block_rows):
+            rows = slice(start, min(start + self.block_rows, B))
+            pre = torch.addmm(self.b_enc, centred_BD[rows], self.W_enc, out=block[: rows.stop - start])
+            torch.topk(pre, self.cfg.k, dim=-1, out=(values_BK[rows], indices_BK[rows]))
+            if n_aux:
+                torch.topk(pre.masked_fill_(~dead_F, float("-inf")), n_aux, dim=-1,
+                           out=(dead_values_BK[rows], dead_indices_BK[rows]))
+        return (values_BK, indices_BK), ((dead_values_BK, dead_indices_BK) if n_aux else None)
+
+    def train_forward(self, x_BD, dead_F=None, aux_k=0):
         self._check_width(x_BD)
+        if x_BD.ndim != 2:
+            raise ValueError(f"train_forward takes a [batch, d_in] batch, got shape {tuple(x_BD.shape)}")
+        selected, dead_BK = self.select_by_blocks(x_BD, dead_F, aux_k)
         with torch.no_grad():
-            pre_BF = self.pre_acts(x_BD)
-            code, pre_N = SparseCode.from_rows(*self.select(pre_BF), self.cfg.d_sae)
-        return self._sparse_train_forward(x_BD, pre_BF, pre_N, code)
+            code, pre_N = SparseCode.from_rows(*selected, self.cfg.d_sae)
+        return self._sparse_train_forward(x_BD, pre_N, code, dead_BK)
 
 
 @register("batchtopk")
@@ -297,15 +338,17 @@ class BatchTopKSAE(TopKSAE):
             self.threshold.copy_(smallest)
             self.threshold_started.fill_(True)
 
-    def train_forward(self, x_BD):
+    def train_forward(self, x_BD, dead_F=None, aux_k=0):
+        # The batch-wide cutoff needs every pre-activation at once: no blocks here.
         self._check_width(x_BD)
         with torch.no_grad():
             pre_BF = self.pre_acts(x_BD)
             pre_BK, indices_BK = self.select(pre_BF)
             code, pre_N = SparseCode.from_rows(pre_BK, indices_BK, self.cfg.d_sae)
+            dead_BK = top_dead(pre_BF, dead_F, aux_k)
         if self.training:
             self.update_threshold_(pre_BK)
-        return self._sparse_train_forward(x_BD, pre_BF, pre_N, code)
+        return self._sparse_train_forward(x_BD, pre_N, code, dead_BK)
 
     def saved_architecture(self) -> str:
         return "jumprelu"

@@ -190,11 +190,12 @@ def l1_coefficient(cfg: TrainConfig, step: int) -> float:
     return cfg.l1_coefficient * min(1.0, (step + 1) / cfg.l1_warmup_steps)
 
 
-def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, pre_BF: torch.Tensor, error_BD: torch.Tensor,
-             dead_F: torch.Tensor, aux_k: int, relu: bool = False) -> torch.Tensor:
-    """AuxK: the ``aux_k`` largest pre-activations among dead latents, decoded without
-    b_dec, should reconstruct the main reconstruction's ``error_BD`` (detached). Only dead
-    latents' encoder columns, biases and decoder rows receive gradient.
+def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_BK: tuple[torch.Tensor, torch.Tensor] | None,
+             error_BD: torch.Tensor, dead_F: torch.Tensor, aux_k: int, relu: bool = False) -> torch.Tensor:
+    """AuxK: the ``aux_k`` largest pre-activations among dead latents (``dead_BK``, as
+    ``sae.train_forward(x_BD, dead_F, aux_k)`` picked them), decoded without b_dec, should
+    reconstruct the main reconstruction's ``error_BD`` (detached). Only dead latents'
+    encoder columns, biases and decoder rows receive gradient.
 
     ``relu=False`` passes the pre-activations unclipped (as SAELens does): a dead latent is
     usually negative on every token, and a ReLU leaves it no gradient to come back with.
@@ -203,11 +204,10 @@ def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, pre_BF: torch.Tensor, e
     Returns the normalised MSE, scaled down by ``n_dead / aux_k`` when fewer latents than
     ``aux_k`` are dead (0 when none is)."""
     n_dead = int(dead_F.sum())
-    if n_dead == 0 or aux_k == 0:
+    if n_dead == 0 or aux_k == 0 or dead_BK is None:
         return x_BD.new_zeros(())
     with torch.no_grad():
-        dead_pre_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
-        code, pre_N = SparseCode.from_rows(*dead_pre_BF.topk(min(aux_k, n_dead), dim=-1), sae.cfg.d_sae)
+        code, pre_N = SparseCode.from_rows(*dead_BK, sae.cfg.d_sae)
     values_N = SparseEncode.apply(pre_N, code, x_BD, sae.b_dec.detach(), sae.W_enc, sae.b_enc)
     if relu:
         values_N = torch.relu(values_N)
@@ -413,8 +413,10 @@ class SAETrainer:
         cfg, sae = self.cfg, self.sae
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.step)
+        dead_F = self.tokens_since_fired >= cfg.resolved_dead_tokens()
+        aux_k = cfg.resolved_aux_k(sae.cfg.d_in, sae.architecture)
         with torch.enable_grad():
-            out = sae.train_forward(x_BD)
+            out = sae.train_forward(x_BD, dead_F, aux_k)
             error_BD = x_BD - out.recon_BD
             spread = variance_per_vector(x_BD).clamp_min(1e-12)
             fvu = error_BD.pow(2).sum(-1).mean() / spread
@@ -422,9 +424,7 @@ class SAETrainer:
             l1_now = l1_coefficient(cfg, self.step)
             if l1_now > 0:
                 loss = loss + l1_now * out.l1_BF_sum / x_BD.norm(dim=-1).mean().clamp_min(1e-12)
-            dead_F = self.tokens_since_fired >= cfg.resolved_dead_tokens()
-            aux = aux_loss(sae, x_BD, out.pre_BF, error_BD, dead_F, cfg.resolved_aux_k(sae.cfg.d_in, sae.architecture),
-                           relu=cfg.aux_relu)
+            aux = aux_loss(sae, x_BD, out.dead_BK, error_BD, dead_F, aux_k, relu=cfg.aux_relu)
             if aux.requires_grad:
                 loss = loss + cfg.aux_coefficient * aux
             if not torch.isfinite(loss):  # before the step: the weights stay as they were

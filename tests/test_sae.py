@@ -13,6 +13,7 @@ from saelib.sae import (
     geometric_median,
     init_from_data_,
     make_sae,
+    top_dead,
 )
 from saelib.sae_io import load_sae
 from saelib.sparse_ops import SparseCode, SparseDecode, SparseEncode, scatter_outer
@@ -284,3 +285,23 @@ def test_relu_sparse_path_matches_the_dense_pass(monkeypatch):
         dense = grads_of(sae, loss_of(SparseAutoencoder.train_forward(sae, x)))
     for name in dense:
         torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_topk_selection_by_blocks_equals_the_whole_batch_selection():
+    torch.manual_seed(5)
+    sae = make_sae(SAEConfig(d_in=D, d_sae=96, architecture="topk", k=6))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    sae.block_rows = 16  # 50 rows: three full blocks and a short one
+    x = torch.randn(50, D)
+    dead = torch.rand(96) < 0.3
+    (values, indices), dead_BK = sae.select_by_blocks(x, dead, aux_k=5)
+    pre = sae.pre_acts(x).detach()
+    expected_values, expected_indices = pre.topk(6, dim=-1)
+    expected_dead = top_dead(pre, dead, 5)
+    torch.testing.assert_close(values, expected_values)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(dead_BK[0], expected_dead[0])
+    assert torch.equal(dead_BK[1], expected_dead[1]) and dead[dead_BK[1]].all()
+    assert sae.select_by_blocks(x, torch.zeros(96, dtype=torch.bool), aux_k=5)[1] is None

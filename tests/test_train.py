@@ -33,8 +33,8 @@ def test_auxk_touches_only_dead_latents():
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
     with torch.enable_grad():
-        out = sae.train_forward(x)
-        loss = aux_loss(sae, x, out.pre_BF, x - out.recon_BD, dead, aux_k=8)
+        out = sae.train_forward(x, dead, 8)
+        loss = aux_loss(sae, x, out.dead_BK, x - out.recon_BD, dead, aux_k=8)
         sae.zero_grad()
         loss.backward()
     alive = ~dead
@@ -43,7 +43,9 @@ def test_auxk_touches_only_dead_latents():
     assert sae.b_enc.grad[alive].abs().max() == 0
     assert sae.b_dec.grad is None or sae.b_dec.grad.abs().max() == 0
     assert sae.W_enc.grad[:, dead].abs().sum() > 0 and sae.W_dec.grad[dead].abs().sum() > 0
-    assert aux_loss(sae, x, out.pre_BF, x - out.recon_BD, torch.zeros(64, dtype=torch.bool), aux_k=8) == 0
+    nobody = torch.zeros(64, dtype=torch.bool)
+    assert sae.train_forward(x, nobody, 8).dead_BK is None
+    assert aux_loss(sae, x, None, x - out.recon_BD, nobody, aux_k=8) == 0
 
 
 @pytest.mark.parametrize("architecture,extra", [("relu", {"l1_coefficient": 0.3}), ("topk", {})])
@@ -194,8 +196,8 @@ def test_auxk_relu_option_leaves_latents_negative_everywhere_without_gradient():
     grads = {}
     for relu in (False, True):
         with torch.enable_grad():
-            out = sae.train_forward(x)
-            loss = aux_loss(sae, x, out.pre_BF, x - out.recon_BD, dead, aux_k=8, relu=relu)
+            out = sae.train_forward(x, dead, 8)
+            loss = aux_loss(sae, x, out.dead_BK, x - out.recon_BD, dead, aux_k=8, relu=relu)
             sae.zero_grad()
             loss.backward()
         grads[relu] = sae.W_enc.grad[:, dead].abs().sum().item()
