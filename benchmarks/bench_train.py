@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py [--steps 12] [--threads 2] [--shapes 256,4096,32 512,16384,64]
     PYTHONPATH=/path/to/sae_lens/site python benchmarks/bench_train.py   # adds SAELens rows
     python benchmarks/bench_train.py --under-load --steps 60   # quiet, then beside a busy process
+    python benchmarks/bench_train.py --bf16                     # adds TopK with a bf16 selection matmul
 
 ``--under-load`` runs every trainer twice: on the quiet machine, then while a competing
 process (a busy loop pinned to core 0, started and stopped by the benchmark) takes one core,
@@ -41,6 +42,7 @@ import time
 
 import torch
 
+from saelib.precision import bf16_speedup, resolve_encoder_dtype
 from saelib.sae import SAEConfig, init_tied_, make_sae
 from saelib.toy import ToyConfig, ToyData
 from saelib.train import TrainConfig, train_sae
@@ -48,8 +50,8 @@ from saelib.train import TrainConfig, train_sae
 BATCH = 4096
 
 
-def matmul_flops(d_in: int, d_sae: int, repeats: int = 5) -> float:
-    a, w = torch.randn(BATCH, d_in), torch.randn(d_in, d_sae)
+def matmul_flops(d_in: int, d_sae: int, repeats: int = 5, dtype=torch.float32) -> float:
+    a, w = torch.randn(BATCH, d_in, dtype=dtype), torch.randn(d_in, d_sae, dtype=dtype)
     a @ w
     started = time.perf_counter()
     for _ in range(repeats):
@@ -63,13 +65,13 @@ def fvu(reconstruct, x_ND: torch.Tensor) -> float:
         return float(err / (x_ND - x_ND.mean(0)).pow(2).sum())
 
 
-def run_saelib(pool, steps, d_in, d_sae, k, architecture, adapt_threads=True):
+def run_saelib(pool, steps, d_in, d_sae, k, architecture, adapt_threads=True, encoder_dtype="auto"):
     # Notebook 03's settings; warm-up scaled to the short run so most steps use the peak lr.
     relu = architecture == "relu"
     cfg = TrainConfig(total_tokens=steps * BATCH, batch_size=BATCH, lr=4e-3 if relu else 1e-3, progress=False,
                       lr_warmup_steps=max(1, steps // 10), l1_coefficient=0.1 if relu else 0.0,
                       l1_warmup_steps=max(1, steps // 4) if relu else 0, dead_tokens=2 * BATCH,
-                      adapt_threads=adapt_threads)
+                      adapt_threads=adapt_threads, encoder_dtype=encoder_dtype)
     batches = lambda: itertools.islice(itertools.cycle(pool), steps)  # noqa: E731
     started = time.perf_counter()
     result = train_sae(SAEConfig(d_in, d_sae, architecture, k=k), batches, cfg)
@@ -149,6 +151,14 @@ def measure(args, have_saelens: bool) -> dict:
         held_out = toy.sample(BATCH, generator)[0]
         peak = matmul_flops(d_in, d_sae)
         print(f"\nd_in {d_in}, d_sae {d_sae}, k {k}: plain fp32 matmul {peak / 1e9:.0f} GFLOP/s")
+        speedup = bf16_speedup("cpu", d_in, d_sae)
+        auto = resolve_encoder_dtype("auto", "cpu", d_in, d_sae)
+        print("bf16 selection matmul: " + (f"{speedup:.2f}x fp32" if speedup else "no bf16 instructions on this CPU (not tried)")
+              + f"; encoder_dtype='auto' picks {str(auto).removeprefix('torch.')}")
+        if args.bf16:  # the roofline is the fastest matmul the run used
+            peak_bf16 = matmul_flops(d_in, d_sae, repeats=1, dtype=torch.bfloat16)
+            print(f"plain bf16 matmul {peak_bf16 / 1e9:.1f} GFLOP/s")
+            peak = max(peak, peak_bf16)
         print(header)
         runs = {
             "saelib topk": lambda: run_saelib(pool, args.steps, d_in, d_sae, k, "topk"),
@@ -157,6 +167,8 @@ def measure(args, have_saelens: bool) -> dict:
         }
         if args.under_load:  # the same trainer with the thread count held fixed, as before saelib.threads
             runs["saelib fixed"] = lambda: run_saelib(pool, args.steps, d_in, d_sae, k, "topk", adapt_threads=False)
+        if args.bf16:
+            runs["saelib bf16"] = lambda: run_saelib(pool, args.steps, d_in, d_sae, k, "topk", encoder_dtype="bfloat16")
         if have_saelens:
             runs["sae_lens topk"] = lambda: run_saelens_topk(pool, args.steps, d_in, d_sae, k)
         results = {name: run() for name, run in runs.items()}
@@ -166,7 +178,7 @@ def measure(args, have_saelens: bool) -> dict:
         sparse_flops = 2 * BATCH * d_in * d_sae + 8 * BATCH * k * d_in
         for name, (seconds, reconstruct) in results.items():
             rate = args.steps * BATCH / seconds
-            flops = (sparse_flops if name in ("saelib topk", "saelib fixed") else dense_flops) * args.steps / seconds
+            flops = (sparse_flops if name in ("saelib topk", "saelib fixed", "saelib bf16") else dense_flops) * args.steps / seconds
             error = fvu(reconstruct, held_out)
             print(f"{shape:>16s} {name:>14s} {rate:8.0f} {error:6.3f} {rate / ref_rate:6.2f}x "
                   f"{flops / 1e9:8.1f} {flops / peak:8.0%}")
@@ -179,6 +191,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimiser steps per trainer and shape")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", nargs="+", default=["256,4096,32", "512,16384,64"], help="d_in,d_sae,k")
+    parser.add_argument("--bf16", action="store_true",
+                        help="add saelib TopK with encoder_dtype='bfloat16' (emulated, i.e. very slow, without AMX/AVX512-BF16)")
     parser.add_argument("--under-load", action="store_true",
                         help="measure quiet, then beside a busy process pinned to core 0, and print the shares")
     args = parser.parse_args()

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .sparse_ops import SparseCode, SparseDecode, SparseEncode
+from .sparse_ops import SparseCode, SparseDecode, SparseEncode, gather_dot
 
 ARCHITECTURES: dict[str, type["SparseAutoencoder"]] = {}
 
@@ -253,9 +253,13 @@ class TopKSAE(SparseAutoencoder):
         return torch.zeros_like(pre_BF).scatter_(-1, indices_BK, torch.relu(values_BK))
 
     block_rows = 512
-    """Rows per block of the training encoder: a block's pre-activations [block_rows, d_sae]
-    are still in cache when the top-k reads them. Over a whole [4096, 4096] batch, whose
-    64 MB leave the cache, the matmul + top-k took 153 ms; by blocks, 106 ms (2-core CPU)."""
+    """Rows per block of the training encoder: the [B, d_sae] pre-activations are never held
+    whole (64 MB at 4096 x 4096, 256 MB at 16384), and a block is still in cache when the
+    top-k reads it (matmul + top-k at 4096 x 256 x 4096 on a 2-core CPU: 105 ms by blocks,
+    114 ms whole)."""
+    select_dtype = torch.float32
+    """Precision of the selection matmul in training (``TrainConfig.encoder_dtype``, set by
+    the trainer); the selected entries' values are recomputed in fp32 whatever it is."""
 
     def select(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values_BK, indices_BK) of the latents that may fire, from detached pre-activations."""
@@ -265,23 +269,40 @@ class TopKSAE(SparseAutoencoder):
     def select_by_blocks(self, x_BD: torch.Tensor, dead_F: torch.Tensor | None = None, aux_k: int = 0):
         """``select(pre_acts(x_BD))`` and ``top_dead`` of the same pre-activations, computed
         ``block_rows`` rows at a time without ever holding all [B, d_sae] of them:
-        ((values_BK, indices_BK), dead_BK or None)."""
+        ((values_BK, indices_BK), dead_BK or None). With a ``select_dtype`` below fp32 the
+        matmul runs in it to choose the entries, and their values are then computed in fp32."""
         B, F = x_BD.shape[0], self.cfg.d_sae
         n_dead = 0 if dead_F is None else int(dead_F.sum())
         n_aux = min(aux_k, n_dead)
-        values_BK, indices_BK = x_BD.new_empty(B, self.cfg.k), torch.empty(B, self.cfg.k, dtype=torch.int64, device=x_BD.device)
-        if n_aux:
-            dead_values_BK, dead_indices_BK = x_BD.new_empty(B, n_aux), torch.empty(B, n_aux, dtype=torch.int64, device=x_BD.device)
+        dtype = self.select_dtype
         centred_BD = x_BD - self.b_dec
-        block = x_BD.new_empty(min(B, self.block_rows), F)
+        values_BK = torch.empty(B, self.cfg.k, dtype=dtype, device=x_BD.device)
+        indices_BK = torch.empty(B, self.cfg.k, dtype=torch.int64, device=x_BD.device)
+        if n_aux:
+            dead_values_BK = torch.empty(B, n_aux, dtype=dtype, device=x_BD.device)
+            dead_indices_BK = torch.empty(B, n_aux, dtype=torch.int64, device=x_BD.device)
+        inputs_BD, W_enc_DF, b_enc_F = (t.to(dtype) for t in (centred_BD, self.W_enc, self.b_enc))
+        block = torch.empty(min(B, self.block_rows), F, dtype=dtype, device=x_BD.device)
         for start in range(0, B, self.block_rows):
             rows = slice(start, min(start + self.block_rows, B))
-            pre = torch.addmm(self.b_enc, centred_BD[rows], self.W_enc, out=block[: rows.stop - start])
+            pre = torch.addmm(b_enc_F, inputs_BD[rows], W_enc_DF, out=block[: rows.stop - start])
             torch.topk(pre, self.cfg.k, dim=-1, out=(values_BK[rows], indices_BK[rows]))
             if n_aux:
                 torch.topk(pre.masked_fill_(~dead_F, float("-inf")), n_aux, dim=-1,
                            out=(dead_values_BK[rows], dead_indices_BK[rows]))
+        if dtype != torch.float32:
+            values_BK = self._fp32_pre_acts(centred_BD, indices_BK)
+            if n_aux:
+                dead_values_BK = self._fp32_pre_acts(centred_BD, dead_indices_BK)
         return (values_BK, indices_BK), ((dead_values_BK, dead_indices_BK) if n_aux else None)
+
+    def _fp32_pre_acts(self, centred_BD: torch.Tensor, indices_BK: torch.Tensor) -> torch.Tensor:
+        """``(centred_BD @ W_enc + b_enc)[b, indices[b, j]]`` in fp32, only at those entries: [B, K]."""
+        code, order_BK = SparseCode.from_rows(torch.arange(indices_BK.shape[1], device=indices_BK.device).expand_as(indices_BK),
+                                              indices_BK, self.cfg.d_sae)
+        dots_N = gather_dot(centred_BD, self.W_enc.T, code) + self.b_enc[code.latent_N]
+        out_BK = torch.empty(indices_BK.shape, dtype=dots_N.dtype, device=dots_N.device)
+        return out_BK.scatter_(1, order_BK.view(indices_BK.shape), dots_N.view(indices_BK.shape))
 
     def train_forward(self, x_BD, dead_F=None, aux_k=0):
         self._check_width(x_BD)

@@ -257,3 +257,51 @@ def test_cli_options_are_the_config_fields_with_their_defaults_and_docs():
     args = parser.parse_args(["train", "s", "o", "--d-sae", "64", "--aux-relu", "--no-skip-special-tokens", "--l1", "0.2"])
     cfg = config_from_args(TrainConfig, args, out_dir="x")
     assert cfg == dataclasses.replace(TrainConfig(), aux_relu=True, skip_special_tokens=False, l1_coefficient=0.2, out_dir="x")
+
+
+def test_bf16_selection_keeps_fp32_values_and_the_fp32_result():
+    """bfloat16 only chooses the k latents: their values are exact fp32 pre-activations, and
+    training ends no more than 1% above the fp32 run's FVU (the issue's bar for choosing it)."""
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(d_in=32, d_sae=128, architecture="topk", k=4))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    x = torch.randn(300, 32)
+    sae.select_dtype = torch.bfloat16
+    sae.block_rows = 128
+    (values, indices), dead_BK = sae.select_by_blocks(x, torch.arange(128) % 2 == 0, aux_k=6)
+    pre = sae.pre_acts(x).detach()
+    torch.testing.assert_close(values, pre.gather(1, indices), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dead_BK[0], pre.gather(1, dead_BK[1]), rtol=1e-6, atol=1e-6)
+    # bf16 may swap latents near the cut-off only: the k-th fp32 value is within bf16 rounding.
+    kth = pre.topk(4, dim=-1).values[:, -1]
+    assert (values.min(-1).values >= kth - 0.02 * pre.abs().max()).all()
+
+    toy = ToyData(ToyConfig(d=32, n_features=64, avg_active=4, seed=1))
+    held_out = toy.sample(2048, torch.Generator().manual_seed(9))[0]
+    fvus = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = TrainConfig(total_tokens=300 * 256, batch_size=256, lr=3e-3, progress=False, encoder_dtype=dtype)
+        trained = train_sae(SAEConfig(d_in=32, d_sae=128, architecture="topk", k=4), lambda: toy.batches(256, 300, seed=2), cfg).sae
+        fvus[dtype] = float((trained(held_out).recon_BD - held_out).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum())
+    assert fvus["float32"] < 0.3
+    assert fvus["bfloat16"] <= 1.01 * fvus["float32"], fvus  # no worse by more than 1% (here 1% better)
+
+
+def test_auto_precision_never_tries_bf16_without_hardware_and_keeps_fp32_where_bf16_is_slower(monkeypatch):
+    from saelib import precision
+
+    precision.bf16_speedup.cache_clear()
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)
+    assert precision.bf16_speedup("cpu", 16, 64) == 0.0
+    assert precision.resolve_encoder_dtype("auto", "cpu", 16, 64) == torch.float32
+    assert precision.resolve_encoder_dtype("bfloat16", "cpu", 16, 64) == torch.bfloat16
+    precision.bf16_speedup.cache_clear()
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: True)
+    speedup = precision.bf16_speedup("cpu", 16, 64)  # measured for real on this machine
+    assert speedup > 0
+    assert precision.resolve_encoder_dtype("auto", "cpu", 16, 64) == (torch.bfloat16 if speedup >= precision.BF16_SPEEDUP
+                                                                      else torch.float32)
+    precision.bf16_speedup.cache_clear()
+    with pytest.raises(ValueError, match="encoder_dtype 'fp8'"):
+        TrainConfig(encoder_dtype="fp8")
