@@ -13,7 +13,7 @@ stays) it tries the full count again, so the speed comes back when the load goes
 
 A machine already busy when the loop starts has no quiet speed to compare with, so the
 first steps after a short warm-up are one trial of both settings. On a quiet machine that
-trial is all that happens (a few steps on fewer threads); the thread count never changes
+trial is all that happens (one step on fewer threads); the thread count never changes
 the numbers, only the speed (tests/test_threads.py checks that training gives the same
 weights bit for bit on one and on two threads).
 """
@@ -30,15 +30,18 @@ class ThreadGovernor:
 
     ``slowdown``: a step this many times slower than the quiet baseline (the fastest median
     of ``window`` steps seen at full thread count) starts a trial of fewer threads.
-    ``trial_steps`` steps measure each setting (their median decides). ``restore()`` puts
-    back the thread count found at construction."""
+    ``trial_steps`` steps measure each setting (their median decides); a first step on fewer
+    threads ``give_up`` times slower than the latest step on full threads ends that setting's
+    measurement at once (on a quiet machine the up-front trial then costs one slow step, not
+    ``trial_steps``). ``restore()`` puts back the thread count found at construction."""
 
     def __init__(self, window: int = 5, trial_steps: int = 3, slowdown: float = 1.4, recheck_every: int = 50,
-                 warmup_steps: int = 2):
+                 warmup_steps: int = 2, give_up: float = 1.5):
         self.full = torch.get_num_threads()
         self.reduced = max(1, self.full // 2)
         self.window, self.trial_steps, self.slowdown = window, trial_steps, slowdown
-        self.recheck_every, self.warmup_steps = recheck_every, warmup_steps
+        self.recheck_every, self.warmup_steps, self.give_up = recheck_every, warmup_steps, give_up
+        self.last_full: float | None = None  # the latest step time seen on full threads
         self.current = self.full
         self.baseline: float | None = None  # quiet median step time at full threads
         self.recent: list[float] = []
@@ -71,6 +74,8 @@ class ThreadGovernor:
     def step_done(self, seconds: float) -> None:
         """Record one step's wall time and adjust the thread count for the next."""
         self.seen += 1
+        if self.current == self.full:
+            self.last_full = seconds
         if not self.active or self.seen <= self.warmup_steps:
             return
         if self.seen == self.warmup_steps + 1 and self.trial is None:
@@ -80,6 +85,10 @@ class ThreadGovernor:
             return
         if self.trial is not None:
             self.trial[self.current].append(seconds)
+            if (self.current == self.reduced and len(self.trial[self.current]) == 1 and self.last_full is not None
+                    and seconds > self.give_up * self.last_full):
+                # far slower than full threads just were: a quiet machine; one such step is enough
+                self.trial[self.current] *= self.trial_steps
             if len(self.trial[self.current]) < self.trial_steps:
                 return
             pending = [t for t in self.trial_order if len(self.trial[t]) < self.trial_steps]

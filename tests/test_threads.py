@@ -37,7 +37,8 @@ def test_quiet_machine_gets_one_trial_and_keeps_its_threads(two_threads):
     for noise in [1.0, 1.1, 0.95, 1.2, 1.0, 1.05, 1.3] * 40:  # ordinary jitter, below the slowdown threshold
         used.append(governor.current)
         governor.step_done(noise * step_time(governor.current, loaded=False))
-    assert used.count(1) == governor.trial_steps  # the one trial at the start, then two threads throughout
+    # the one trial at the start, cut short after one step on one thread (1.8x slower), then two threads throughout
+    assert used.count(1) == 1
     assert governor.switches == 2 and torch.get_num_threads() == 2
 
 
