@@ -219,12 +219,18 @@ def test_save_load_round_trip(tmp_path, architecture):
     assert not list((tmp_path / "sae").glob("*.tmp"))
 
 
-def test_fold_input_scale_gives_the_same_sae_on_raw_inputs():
-    torch.manual_seed(3)
-    sae = make_sae(SAEConfig(d_in=D, d_sae=40, architecture="topk", k=3))
+def topk_sae_with_biases(d_sae: int, k: int, seed: int):
+    """A TopK SAE whose biases are random too (a fresh one has them at 0)."""
+    torch.manual_seed(seed)
+    sae = make_sae(SAEConfig(d_in=D, d_sae=d_sae, architecture="topk", k=k))
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_()
+    return sae
+
+
+def test_fold_input_scale_gives_the_same_sae_on_raw_inputs():
+    sae = topk_sae_with_biases(40, 3, seed=3)
     x = torch.randn(10, D) * 50
     scale = 0.02
     scaled_recon, scaled_latents = sae(x * scale)
@@ -288,11 +294,7 @@ def test_relu_sparse_path_matches_the_dense_pass(monkeypatch):
 
 
 def test_topk_selection_by_blocks_equals_the_whole_batch_selection():
-    torch.manual_seed(5)
-    sae = make_sae(SAEConfig(d_in=D, d_sae=96, architecture="topk", k=6))
-    with torch.no_grad():
-        sae.b_enc.normal_()
-        sae.b_dec.normal_()
+    sae = topk_sae_with_biases(96, 6, seed=5)
     sae.block_rows = 16  # 50 rows: three full blocks and a short one
     x = torch.randn(50, D)
     dead = torch.rand(96) < 0.3
