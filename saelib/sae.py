@@ -298,11 +298,13 @@ class TopKSAE(SparseAutoencoder):
 
     def _fp32_pre_acts(self, centred_BD: torch.Tensor, indices_BK: torch.Tensor) -> torch.Tensor:
         """``(centred_BD @ W_enc + b_enc)[b, indices[b, j]]`` in fp32, only at those entries: [B, K]."""
-        code, order_BK = SparseCode.from_rows(torch.arange(indices_BK.shape[1], device=indices_BK.device).expand_as(indices_BK),
-                                              indices_BK, self.cfg.d_sae)
+        # The code sorts each row's entries by latent; the values carried along are the entries'
+        # slots j, which put the dot products back in the order of indices_BK.
+        slots_BK = torch.arange(indices_BK.shape[1], device=indices_BK.device).expand_as(indices_BK)
+        code, slot_N = SparseCode.from_rows(slots_BK, indices_BK, self.cfg.d_sae)
         dots_N = gather_dot(centred_BD, self.W_enc.T, code) + self.b_enc[code.latent_N]
         out_BK = torch.empty(indices_BK.shape, dtype=dots_N.dtype, device=dots_N.device)
-        return out_BK.scatter_(1, order_BK.view(indices_BK.shape), dots_N.view(indices_BK.shape))
+        return out_BK.scatter_(1, slot_N.view(indices_BK.shape), dots_N.view(indices_BK.shape))
 
     def train_forward(self, x_BD, dead_F=None, aux_k=0):
         self._check_width(x_BD)

@@ -267,9 +267,12 @@ def test_bf16_selection_keeps_fp32_values_and_the_fp32_result():
     with torch.no_grad():
         sae.b_enc.normal_()
     x = torch.randn(300, 32)
-    sae.select_dtype = torch.bfloat16
     sae.block_rows = 128
+    fp32_indices = sae.select_by_blocks(x)[0][1]
+    sae.select_dtype = torch.bfloat16
     (values, indices), dead_BK = sae.select_by_blocks(x, torch.arange(128) % 2 == 0, aux_k=6)
+    # the matmul really ran in bf16: a few rows' choices near the cut-off differ (10 of 300 here)
+    assert (fp32_indices.sort(1).values != indices.sort(1).values).any(1).sum() > 0
     pre = sae.pre_acts(x).detach()
     torch.testing.assert_close(values, pre.gather(1, indices), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dead_BK[0], pre.gather(1, dead_BK[1]), rtol=1e-6, atol=1e-6)
@@ -282,6 +285,7 @@ def test_bf16_selection_keeps_fp32_values_and_the_fp32_result():
     fvus = {}
     for dtype in ("float32", "bfloat16"):
         cfg = TrainConfig(total_tokens=300 * 256, batch_size=256, lr=3e-3, progress=False, encoder_dtype=dtype)
+        assert SAETrainer(make_sae(SAEConfig(32, 128, "topk", k=4)), cfg).sae.select_dtype == getattr(torch, dtype)
         trained = train_sae(SAEConfig(d_in=32, d_sae=128, architecture="topk", k=4), lambda: toy.batches(256, 300, seed=2), cfg).sae
         fvus[dtype] = float((trained(held_out).recon_BD - held_out).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum())
     assert fvus["float32"] < 0.3
