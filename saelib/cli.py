@@ -220,21 +220,37 @@ def _cmd_autointerp(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    """Train one SAE; under torchrun every rank runs this and shares each batch (DDP)."""
     import torch
+    import torch.distributed as dist
 
+    from .distributed import init_from_env, local_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = local_device(_device(args.device))
+    group = init_from_env(device)
+    try:
+        return _train_command(args, device, group)
+    finally:
+        if group.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_command(args, device: str, group) -> int:
     from .sae import SAEConfig
     from .store import ActivationStore
     from .train import TrainConfig, train_sae
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     store = ActivationStore(args.store)
     out = Path(args.out)
     sae_cfg = config_from_args(SAEConfig, args, d_in=store.d_in, model_name=store.manifest.model, hook_name=store.hook)
     train_cfg = config_from_args(TrainConfig, args, out_dir=str(out / "checkpoint"))
     if sae_cfg.architecture == "relu" and train_cfg.l1_coefficient <= 0:
         raise ValueError("a relu SAE needs an L1 penalty: pass --l1-coefficient, e.g. 0.1 (notebook 03's value)")
-    result = train_sae(sae_cfg, store, train_cfg, device=_device(args.device), max_minutes=args.max_minutes)
+    result = train_sae(sae_cfg, store, train_cfg, device=device, max_minutes=args.max_minutes)
+    if not group.is_main:  # rank 0 writes the SAE and reports; the others hold the same weights
+        return 0
     result.sae.save(out)
     # the step trained and checkpointed, not the last logged row's (rows come every log_every steps)
     logged = result.metrics.dropna(subset=["fvu"]) if "fvu" in result.metrics else result.metrics.iloc[:0]
@@ -244,7 +260,8 @@ def _cmd_train(args) -> int:
     print(f"{'trained' if done else 'stopped at'} step {result.step} of {train_cfg.steps()}: SAE saved to {out}, "
           f"checkpoint {Path(train_cfg.out_dir) / 'trainer_state.pt'} holds step {result.step}"
           f"{'' if done else ' (rerun the same command to continue)'}; {quality}"
-          f"dead {result.dead_fraction:.2%}, {result.tokens_per_s:,.0f} tokens/s")
+          f"dead {result.dead_fraction:.2%}, {result.tokens_per_s:,.0f} tokens/s"
+          + (f" over {group.world} ranks" if group.world > 1 else ""))
     return 0
 
 
@@ -449,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .autointerp.llm import LLMRequestError, LLMUnavailableError
     from .data import TextNeedsNetworkError
+    from .distributed import DistributedError
     from .files import DiskFullError, FolderLockedError
     from .models import ModelNeedsNetworkError, UnknownHookError, UnknownModelError
     from .sae_io import SAEFormatError
@@ -466,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelNeedsNetworkError, TextNeedsNetworkError, UnknownModelError, UnknownHookError,
             StoreError, FolderLockedError, DiskFullError, SAEFormatError,
             StaleCheckpointError, TrainingDivergedError, CorruptCheckpointError,
-            LLMUnavailableError, LLMRequestError, FileNotFoundError, ValueError) as err:
+            LLMUnavailableError, LLMRequestError, DistributedError, FileNotFoundError, ValueError) as err:
         # Errors that explain themselves: their message, without a traceback.
         if debug:
             raise

@@ -327,6 +327,9 @@ class BatchTopKSAE(TopKSAE):
 
     threshold_lr = 0.01
     """EMA rate of the threshold (SAELens's default; dictionary_learning uses 0.001)."""
+    batch_group = None
+    """The ranks sharing each batch (``saelib.distributed.Group``) when several processes
+    train it: the cut-off and the threshold are then the global batch's. None: this process."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -341,8 +344,15 @@ class BatchTopKSAE(TopKSAE):
         row (``width`` = the most any row has); slots a row does not use hold 0. Pure:
         the threshold is updated by ``train_forward``."""
         flat = pre_BF.reshape(-1)
-        n_keep = min(self.cfg.k * pre_BF.shape[0], flat.numel())
-        cutoff = flat.kthvalue(flat.numel() - n_keep + 1).values
+        group = self.batch_group
+        if group is None or group.world == 1:
+            n_keep = min(self.cfg.k * pre_BF.shape[0], flat.numel())
+            cutoff = flat.kthvalue(flat.numel() - n_keep + 1).values
+        else:
+            # The global top k * B lie within the union of every rank's own top k * B.
+            n_keep = min(self.cfg.k * pre_BF.shape[0] * group.world, flat.numel() * group.world)
+            candidates = group.gather_cat(flat.topk(min(n_keep, flat.numel())).values)
+            cutoff = candidates.kthvalue(candidates.numel() - n_keep + 1).values
         width = max(1, int((pre_BF >= cutoff).sum(-1).max()))
         values_BK, indices_BK = pre_BF.topk(width, dim=-1)
         # ReLU passes no gradient at 0, so zeroed slots neither fire nor learn.
@@ -352,9 +362,16 @@ class BatchTopKSAE(TopKSAE):
     def update_threshold_(self, kept_BK: torch.Tensor) -> None:
         """Move the threshold towards the smallest positive value in ``kept_BK``."""
         positive = kept_BK[kept_BK > 0]
-        if positive.numel() == 0:
+        if self.batch_group is not None and self.batch_group.world > 1:
+            local = positive.min() if positive.numel() else kept_BK.new_tensor(float("inf"))
+            smallest = self.batch_group.min_(local.reshape(1).float())[0]
+            if not torch.isfinite(smallest):
+                return
+            smallest = smallest.to(self.threshold.dtype)
+        elif positive.numel() == 0:
             return
-        smallest = positive.min().to(self.threshold.dtype)
+        else:
+            smallest = positive.min().to(self.threshold.dtype)
         if bool(self.threshold_started):
             self.threshold.lerp_(smallest, self.threshold_lr)
         else:

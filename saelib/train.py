@@ -37,9 +37,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .sae import SAEConfig, SparseAutoencoder, init_b_dec_, init_from_data_, init_tied_, make_sae
+from .distributed import Group
 from .sparse_ops import SparseCode, SparseDecode, SparseEncode
 from .files import content_digest, remove_orphan_tmp, write_atomic
-from .metrics import variance_per_vector
 from .precision import ENCODER_DTYPES, resolve_encoder_dtype
 from .store import ActivationStore
 from .threads import ThreadGovernor
@@ -201,7 +201,8 @@ def l1_coefficient(cfg: TrainConfig, step: int) -> float:
 
 
 def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_BK: tuple[torch.Tensor, torch.Tensor] | None,
-             error_BD: torch.Tensor, dead_F: torch.Tensor, aux_k: int, relu: bool = False) -> torch.Tensor:
+             error_BD: torch.Tensor, dead_F: torch.Tensor, aux_k: int, relu: bool = False,
+             group: Group | None = None) -> torch.Tensor:
     """AuxK: the ``aux_k`` largest pre-activations among dead latents (``dead_BK``, as
     ``sae.train_forward(x_BD, dead_F, aux_k)`` picked them), decoded without b_dec, should
     reconstruct the main reconstruction's ``error_BD`` (detached). Only dead latents'
@@ -212,7 +213,8 @@ def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_BK: tuple[torch.Te
     ``relu=True`` clips them (as OpenAI's sparse_autoencoder, sparsify and
     dictionary_learning do), so only dead latents that are positive somewhere learn.
     Returns the normalised MSE, scaled down by ``n_dead / aux_k`` when fewer latents than
-    ``aux_k`` are dead (0 when none is)."""
+    ``aux_k`` are dead (0 when none is). Under several ranks (``group``) the error's variance
+    is the global batch's and the mean is over this rank's rows."""
     n_dead = int(dead_F.sum())
     if n_dead == 0 or aux_k == 0 or dead_BK is None:
         return x_BD.new_zeros(())
@@ -223,7 +225,7 @@ def aux_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_BK: tuple[torch.Te
         values_N = torch.relu(values_N)
     aux_recon_BD = SparseDecode.apply(values_N, code, sae.W_dec)
     target_BD = error_BD.detach()
-    spread = variance_per_vector(target_BD).clamp_min(1e-12)
+    spread = (group or Group.single()).variance_per_vector(target_BD).clamp_min(1e-12)
     scale = min(1.0, n_dead / aux_k)
     return scale * (aux_recon_BD - target_BD).pow(2).sum(-1).mean() / spread
 
@@ -277,12 +279,21 @@ class MetricsLog:
 
 
 class SAETrainer:
-    """Owns one run: the SAE (in normalised-input space), optimiser, step, dead counters."""
+    """Owns one run: the SAE (in normalised-input space), optimiser, step, dead counters.
+
+    Under ``torch.distributed`` (``group``, default: the initialised default group) every
+    rank holds the same SAE and optimiser and trains on its share of each global batch of
+    ``cfg.batch_size`` rows (``saelib.distributed``); rank 0 alone writes checkpoints and
+    metrics."""
 
     def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, device: str | torch.device = "cpu",
-                 data: dict | None = None):
+                 data: dict | None = None, group: Group | None = None):
         """``data``: the identity of the data it trains on (``data_fingerprint(source)``),
         recorded in checkpoints and the exported SAE; a checkpoint of other data is stale."""
+        self.group = group or Group.current()
+        if cfg.batch_size % self.group.world:
+            raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {self.group.world} ranks: "
+                             f"use a multiple of {self.group.world} (the global batch is shared out)")
         if not sae.trains:
             raise ValueError(f"{sae.architecture} SAEs are inference-only here; train topk, batchtopk or relu")
         self.sae = sae.to(device)
@@ -290,6 +301,8 @@ class SAETrainer:
         self.device = torch.device(device)
         if hasattr(type(self.sae), "select_dtype"):  # TopK kinds: the selection matmul's precision
             self.sae.select_dtype = resolve_encoder_dtype(cfg.encoder_dtype, self.device, sae.cfg.d_in, sae.cfg.d_sae)
+        if self.group.world > 1 and hasattr(type(self.sae), "batch_group"):  # BatchTopK's cut-off is batch-wide
+            self.sae.batch_group = self.group
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
         self.step = 0
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=self.device)
@@ -299,13 +312,25 @@ class SAETrainer:
         self.saved_step: int | None = None
         """Step of the newest checkpoint on disk (None: none yet)."""
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+        self.group.require_same("settings or data", self._identity())
         if self.out_dir is not None:
-            remove_orphan_tmp(self.out_dir)
-            if (self.out_dir / STATE_FILE).exists():
-                self._load_state()
-            elif (self.out_dir / METRICS_FILE).exists():
+            if self.group.is_main:
+                remove_orphan_tmp(self.out_dir)
+            self.group.barrier()
+            state = self._read_state() if (self.out_dir / STATE_FILE).exists() else None
+            self.group.barrier()  # every rank has read the checkpoint before rank 0 changes files
+            if state is not None:
+                self._apply_state(state)
+            elif (self.out_dir / METRICS_FILE).exists() and self.group.is_main:
                 # killed before its first checkpoint: the run starts over, so do its rows
                 (self.out_dir / METRICS_FILE).unlink()
+            self.group.require_same("checkpoints (is out_dir one shared folder?)", {"resumed_step": self.step})
+
+    def _identity(self) -> dict:
+        """What every rank of one run must agree on: the SAE, the settings that change the
+        steps, the data."""
+        train = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in _RESUME_FREE}
+        return {"sae": dataclasses.asdict(self.sae.cfg), **train, "data": self.data}
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -321,7 +346,7 @@ class SAETrainer:
         }
 
     def save_checkpoint(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.group.is_main:
             return
         self.check_finite_()
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -346,7 +371,8 @@ class SAETrainer:
         return (f"training diverged at step {self.step}: {what} (learning rate {lr:g}); a learning rate too high "
                 f"for these activations is the usual cause: lower --lr and train again; {kept}")
 
-    def _load_state(self) -> None:
+    def _read_state(self) -> dict:
+        """The checkpoint in ``out_dir``, read and verified against its checksum."""
         path = self.out_dir / STATE_FILE
         remedy = (f"move it away (or delete it) to train this run from the start; nothing else in {self.out_dir} "
                   "depends on it")
@@ -359,11 +385,15 @@ class SAETrainer:
         if recorded is not None and content_digest(state) != recorded:
             raise CorruptCheckpointError(f"checkpoint {path} fails its checksum (bytes altered or damaged since it "
                                          f"was saved): {remedy}")
-        state = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+
+    def _apply_state(self, state: dict) -> None:
+        """Resume from ``state`` (or set a stale one aside, or refuse it)."""
+        path = self.out_dir / STATE_FILE
         stale = self._stale_reasons(state)
         if stale and self.cfg.restart_stale:
             for name in (STATE_FILE, METRICS_FILE):
-                if (self.out_dir / name).exists():
+                if (self.out_dir / name).exists() and self.group.is_main:
                     (self.out_dir / name).replace(self.out_dir / (name + STALE_SUFFIX))
             return
         if stale:
@@ -378,7 +408,7 @@ class SAETrainer:
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
         self.input_scale = state["input_scale"]
         log = self.out_dir / METRICS_FILE
-        if log.exists():  # rows past the checkpoint will be logged again
+        if log.exists() and self.group.is_main:  # rows past the checkpoint will be logged again
             rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
             log.write_text("".join(r + "\n" for r in rows))
 
@@ -421,41 +451,51 @@ class SAETrainer:
 
     # -- one step ----------------------------------------------------------------------------------
     def train_step(self, x_BD: torch.Tensor) -> dict:
-        """One optimiser step on a batch already scaled; returns its metrics."""
-        cfg, sae = self.cfg, self.sae
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, self.step)
+        """One optimiser step on a batch already scaled (this rank's share of the global
+        batch under several ranks); returns the global batch's metrics."""
+        cfg, sae, group = self.cfg, self.sae, self.group
+        for g in self.optimizer.param_groups:
+            g["lr"] = learning_rate(cfg, self.step)
         dead_F = self.tokens_since_fired >= cfg.resolved_dead_tokens()
         aux_k = cfg.resolved_aux_k(sae.cfg.d_in, sae.architecture)
         with torch.enable_grad():
             out = sae.train_forward(x_BD, dead_F, aux_k)
             error_BD = x_BD - out.recon_BD
-            spread = variance_per_vector(x_BD).clamp_min(1e-12)
+            # Normalisers come from the global batch; each rank's loss is its share of the
+            # global loss (means over its rows / world), so summed gradients are one process's.
+            spread = group.variance_per_vector(x_BD).clamp_min(1e-12)
             fvu = error_BD.pow(2).sum(-1).mean() / spread
             loss = fvu
             l1_now = l1_coefficient(cfg, self.step)
             if l1_now > 0:
-                loss = loss + l1_now * out.l1_BF_sum / x_BD.norm(dim=-1).mean().clamp_min(1e-12)
-            aux = aux_loss(sae, x_BD, out.dead_BK, error_BD, dead_F, aux_k, relu=cfg.aux_relu)
+                loss = loss + l1_now * out.l1_BF_sum / group.mean(x_BD.norm(dim=-1).mean()).clamp_min(1e-12)
+            aux = aux_loss(sae, x_BD, out.dead_BK, error_BD, dead_F, aux_k, relu=cfg.aux_relu, group=group)
             if aux.requires_grad:
                 loss = loss + cfg.aux_coefficient * aux
-            if not torch.isfinite(loss):  # before the step: the weights stay as they were
+            loss = loss / group.world
+            # loss (summed) and the means of fvu, l0, l1, aux over the global batch
+            totals = group.sum_(torch.stack([loss, fvu, out.l0, out.l1_BF_sum, aux]).detach().float())
+            loss_all = totals[0]
+            fvu_all, l0_all, l1_all, aux_all = (totals[1:] / group.world).tolist()
+            if not torch.isfinite(loss_all):  # before the step: the weights stay as they were
                 self.step += 1
-                raise TrainingDivergedError(self._diverged(f"the loss is {loss.item()} (FVU {fvu.item()})"))
+                raise TrainingDivergedError(self._diverged(f"the loss is {loss_all.item()} (FVU {fvu_all})"))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+        group.sum_grads_(list(sae.parameters()))
         sae.remove_parallel_grad_()
         self.optimizer.step()
         sae.unit_norm_decoder_()
-        self.tokens_since_fired += len(x_BD)
-        self.tokens_since_fired[out.fired_F] = 0
+        fired_F = out.fired_F if group.world == 1 else group.max_(out.fired_F.to(torch.uint8)).bool()
+        self.tokens_since_fired += len(x_BD) * group.world
+        self.tokens_since_fired[fired_F] = 0
         self.step += 1
         return {
-            "loss": loss.item(),
-            "fvu": fvu.item(),
-            "l0": out.l0.item(),
-            "l1": out.l1_BF_sum.item(),
-            "aux_loss": aux.item(),
+            "loss": loss_all.item(),
+            "fvu": fvu_all,
+            "l0": l0_all,
+            "l1": l1_all,
+            "aux_loss": aux_all,
             "dead_fraction": (self.tokens_since_fired >= cfg.resolved_dead_tokens()).float().mean().item(),
             "lr": learning_rate(cfg, self.step - 1),
             "l1_coefficient": l1_now,
@@ -472,10 +512,11 @@ class SAETrainer:
         step 0 right after initialisation (e.g. MMCS to known features over training)."""
         last = self.cfg.steps() if max_steps is None else min(self.cfg.steps(), self.step + max_steps)
         batches = self._batches_from_here(source)
-        log = MetricsLog(self.out_dir)
+        main = self.group.is_main
+        log = MetricsLog(self.out_dir if main else None)
         first_step, started = self.step, time.perf_counter()
         bar = tqdm(total=last, initial=self.step, desc=f"train {self.sae.architecture} SAE", unit="step",
-                   disable=not self.cfg.progress)
+                   disable=not (self.cfg.progress and main))
         self.sae.train()
         governor = ThreadGovernor() if self.cfg.adapt_threads and self.device.type == "cpu" else None
         try:
@@ -489,7 +530,7 @@ class SAETrainer:
                 if governor is not None:
                     governor.step_done(now - step_started)
                 step_started = now
-                if max_minutes is not None and now - started > 60 * max_minutes:
+                if max_minutes is not None and self._time_is_up(now - started > 60 * max_minutes):
                     break
         finally:
             if governor is not None:
@@ -499,6 +540,12 @@ class SAETrainer:
         return self._finish(log, first_step, time.perf_counter() - started, source)
 
     # -- the loop's named steps ------------------------------------------------------------------
+    def _time_is_up(self, here: bool) -> bool:
+        """Whether any rank's clock says stop: every rank stops after the same step."""
+        if self.group.world == 1:
+            return here
+        return bool(self.group.max_(torch.tensor([int(here)], device=self.device)).item())
+
     def _batches_from_here(self, source) -> Iterator[torch.Tensor]:
         """The source's batches, past those a resumed run already trained on."""
         if isinstance(source, ActivationStore):
@@ -525,14 +572,14 @@ class SAETrainer:
             else:
                 detail, remedy = "the data source (not a store)", "check what it yields"
             raise ValueError(f"batch {self.step} holds NaN or inf activations: {detail}; {remedy}")
-        if self.input_scale is None:
+        if self.input_scale is None:  # from the whole global batch: the same on every rank
             self._initialise(raw_BD, source)
-            if extra_metrics is not None:
+            if extra_metrics is not None and self.group.is_main:
                 log.write({"step": 0, "tokens": 0, **extra_metrics(self)})
-        return raw_BD * self.input_scale
+        return self.group.local_rows(raw_BD) * self.input_scale
 
     def _log_step(self, record: dict, log: "MetricsLog", bar, extra_metrics) -> None:
-        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps():
+        if (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps()) and self.group.is_main:
             record = {"step": self.step, "tokens": self.step * self.cfg.batch_size, **record}
             if extra_metrics is not None:
                 record.update(extra_metrics(self))
@@ -567,6 +614,8 @@ class SAETrainer:
         """A copy of the SAE for raw activations (input scale folded in), in eval mode."""
         self.check_finite_()
         sae = copy.deepcopy(self.sae).eval()
+        if hasattr(sae, "batch_group"):
+            sae.batch_group = None  # the copy stands alone
         sae.fold_input_scale_(self.input_scale or 1.0)
         sae.cfg = dataclasses.replace(
             sae.cfg, metadata={**sae.cfg.metadata, "trained_tokens": self.step * self.cfg.batch_size,

@@ -1,0 +1,173 @@
+"""Scale-out (issue 21): the trainer under torchrun with 2 gloo ranks on CPU takes the steps
+one process takes on the same global batch, resumes after one rank is killed, and refuses
+bad set-ups with one line on every rank instead of hanging. Every run here is a real
+``torchrun`` (or, for ranks started apart, real processes meeting at a TCP port)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_training_guards import D_IN, write_store
+
+BASE = ["--batch-size", 64, "--log-every", 4, "--lr", 0.004, "--lr-warmup-steps", 5, "--no-progress"]
+ARCHITECTURES = {
+    # few rows per latent and a short dead window: AuxK runs on most steps
+    "topk": ["--d-sae", 96, "--k", 3, "--dead-tokens", 192, "--tokens", 64 * 40],
+    "batchtopk": ["--architecture", "batchtopk", "--d-sae", 64, "--k", 4, "--tokens", 64 * 40],
+    "relu": ["--architecture", "relu", "--d-sae", 64, "--l1-coefficient", 0.3, "--tokens", 64 * 40],
+}
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), **extra}
+
+
+def torchrun(*args, nproc=2, timeout=240, **popen):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "saelib", "train", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env(), **popen)
+
+
+def one_process(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "saelib", "train", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env())
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Planted sparse data: 48 directions, each row a few of them."""
+    generator = torch.Generator().manual_seed(0)
+    atoms = torch.randn(48, D_IN, generator=generator)
+    codes = (torch.rand(2048, 48, generator=generator) < 0.06) * torch.rand(2048, 48, generator=generator) * 3
+    acts = codes @ atoms + 0.05 * torch.randn(2048, D_IN, generator=generator)
+    return write_store(tmp_path_factory.mktemp("ddp") / "store", acts)
+
+
+def assert_same_run(out_a: Path, out_b: Path, atol=1e-5):
+    weights_a, weights_b = load_file(out_a / "sae_weights.safetensors"), load_file(out_b / "sae_weights.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        difference = (weights_a[name] - weights_b[name]).abs().max().item()
+        assert difference <= atol, f"{name} differs by {difference}"
+    rows_a = pd.read_json(out_a / "checkpoint" / "metrics.jsonl", lines=True)
+    rows_b = pd.read_json(out_b / "checkpoint" / "metrics.jsonl", lines=True)
+    assert list(rows_a.step) == list(rows_b.step)
+    pd.testing.assert_frame_equal(rows_a, rows_b, rtol=1e-5, atol=1e-6)
+    return rows_a
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_two_ranks_take_the_steps_of_one_process(store, tmp_path, architecture):
+    args = [*BASE, *ARCHITECTURES[architecture]]
+    alone = one_process(store.folder, tmp_path / "one", *args)
+    assert alone.returncode == 0, alone.stderr
+    shared = torchrun(store.folder, tmp_path / "two", *args)
+    assert shared.returncode == 0, shared.stderr
+    assert "over 2 ranks" in shared.stdout and shared.stdout.count("trained step") == 1  # rank 0 reports
+    rows = assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert rows.fvu.iloc[-1] < 0.9 * rows.fvu.iloc[0]  # it trained: a run that did nothing would also agree
+    if architecture == "topk":
+        assert (rows.aux_loss > 0).sum() >= len(rows) // 2  # the AuxK path (global error variance) ran
+    if architecture == "batchtopk":  # the batch-wide cut-off varies per row: L0 is a mean, not exactly k
+        assert load_file(tmp_path / "two" / "sae_weights.safetensors")["threshold"][0] > 0
+
+
+def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of the workers torchrun started (read from their environment)."""
+    found = {}
+    for child in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        for item in environ:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(child)
+    return found
+
+
+def test_a_killed_rank_resumes_to_the_same_weights(store, tmp_path):
+    args = [*BASE, *ARCHITECTURES["topk"], "--tokens", 64 * 300, "--checkpoint-minutes", 0.0005]
+    reference = one_process(store.folder, tmp_path / "reference", *args)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "two"
+    log = out / "checkpoint" / "metrics.jsonl"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "saelib", "train", *map(str, [store.folder, out, *args])]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 15):
+        time.sleep(0.05)
+    os.kill(rank_pids(launcher)[1], signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0, stderr
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert 0 < state["step"] < 300, state["step"]  # killed mid-run, with a checkpoint to resume from
+    assert not (out / "sae_weights.safetensors").exists()
+    resumed = torchrun(store.folder, out, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "trained step 300 of 300" in resumed.stdout
+    assert_same_run(tmp_path / "reference", out)
+
+
+def one_line_errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_stops_every_rank(store, tmp_path):
+    run = torchrun(store.folder, tmp_path / "out", "--d-sae", 32, "--k", 4, "--batch-size", 63, "--tokens", 630,
+                   timeout=120)
+    assert run.returncode != 0
+    errors = one_line_errors(run.stderr)
+    assert len(errors) == 2 and all("batch_size 63 does not split evenly over 2 ranks" in e for e in errors), run.stderr
+    # (torchrun then prints its own report of the failed workers, with its traceback)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_rank(rank: int, world: int, port: int, args, timeout_s: float = 60) -> subprocess.Popen:
+    """A rank started by hand, as each node of a multi-node job starts its own command."""
+    return subprocess.Popen([sys.executable, "-m", "saelib", "train", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                                    MASTER_PORT=str(port), SAELIB_DIST_TIMEOUT=str(timeout_s)))
+
+
+def test_ranks_started_with_different_settings_fail_on_every_rank(store, tmp_path):
+    port = free_port()
+    common = [store.folder, tmp_path / "out", "--d-sae", 32, "--batch-size", 64, "--tokens", 640, "--no-progress"]
+    ranks = [start_rank(0, 2, port, [*common, "--k", 4]), start_rank(1, 2, port, [*common, "--k", 8])]
+    started = time.time()
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert time.time() - started < 60  # no hang
+    for rank, (_, stderr) in zip(ranks, outputs):
+        assert rank.returncode == 2, stderr
+        errors = one_line_errors(stderr)
+        assert len(errors) == 1 and "ranks 0 and 1 were started with different settings or data" in errors[0], stderr
+        assert "sae.k=4 vs 8" in errors[0], errors[0]
+    assert not (tmp_path / "out" / "sae_weights.safetensors").exists()
+
+
+def test_a_rank_that_never_joins_times_out_with_one_line(store, tmp_path):
+    alone = start_rank(0, 2, free_port(), [store.folder, tmp_path / "out", "--d-sae", 32, "--k", 4, "--batch-size",
+                                           64, "--tokens", 640], timeout_s=3)
+    started = time.time()
+    _, stderr = alone.communicate(timeout=120)
+    assert time.time() - started < 60
+    assert alone.returncode == 2
+    errors = one_line_errors(stderr)
+    assert len(errors) == 1 and "rank 0 of 2: the ranks did not all join within 3 s" in errors[0], stderr
+
