@@ -159,12 +159,24 @@ def _cmd_harvest(args) -> int:
     from .harvest import HarvestConfig, harvest
     from .models import load_model
 
+    import torch.distributed as dist
+
+    from .distributed import init_from_env, local_device
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=_device(args.device))
-    tokens_NL = token_windows(model, args.tokens, context_len=args.context_len, seed=args.seed, text=args.text)
-    for store in harvest(model, tokens_NL, config_from_args(HarvestConfig, args)).values():
-        print(f"{store.folder}: {store!r}")
+    device = local_device(_device(args.device))
+    group = init_from_env(device)  # under torchrun: each rank harvests its share of the shards
+    try:
+        model = load_model(args.model, device=device)
+        tokens_NL = token_windows(model, args.tokens, context_len=args.context_len, seed=args.seed, text=args.text)
+        stores = harvest(model, tokens_NL, config_from_args(HarvestConfig, args), group=group)
+    finally:
+        if group.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if group.is_main:
+        for store in stores.values():
+            print(f"{store.folder}: {store!r}" + (f" (harvested by {group.world} ranks)" if group.world > 1 else ""))
     return 0
 
 

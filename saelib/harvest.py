@@ -6,10 +6,16 @@
 The forward pass stops after the last block any hook needs (``stop_at_layer``), runs
 without autograd, and each hook's vectors stream into its own store folder
 (``saelib.store``). Re-running the same call after a kill resumes where the stores stopped.
+
+Under ``torchrun`` (an initialised ``torch.distributed``) each rank harvests a contiguous
+block of every store's shards into the same folders; rank 0 then writes the manifests. The
+stores are the ones one process writes (same shards, checksums, statistics, token
+records), and a rerun after a killed rank redoes only the shards not yet on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import special_token_ids
+from .distributed import Group
 from .models import check_hook_name, hook_layer, model_fingerprint, model_signature
 from .paths import artifacts_dir
-from .store import ActivationStore, StoreManifest
-from .store_writer import StoreWriter
+from .store import ActivationStore, StoreError, StoreManifest
+from .store_writer import ShardBlockWriter, StoreWriter, assemble_store, finished_shards, shard_count
 
 # Hooks outside the blocks that are computed before block 0.
 _EMBEDDING_HOOKS = ("hook_embed", "hook_pos_embed", "hook_tokens")
@@ -120,9 +127,13 @@ def _rows(act: torch.Tensor, first_position: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str | None = None) -> dict[str, ActivationStore]:
+def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str | None = None,
+            group: Group | None = None) -> dict[str, ActivationStore]:
     """Run ``model`` over ``tokens_NL`` [n_contexts, context_len] and store every hook's
-    activations; returns ``{hook: ActivationStore}``. Resumes stores a killed run left."""
+    activations; returns ``{hook: ActivationStore}``. Resumes stores a killed run left.
+    ``group``: the ranks sharing the work (default: torch.distributed's, if initialised);
+    every rank passes the same tokens and config."""
+    group = group or Group.current()
     hooks = [check_hook_name(model, h) for h in dict.fromkeys(cfg.hooks)]
     if tokens_NL.ndim != 2:
         raise ValueError(f"tokens must be [n_contexts, context_len], got shape {tuple(tokens_NL.shape)}")
@@ -143,7 +154,7 @@ def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str 
     probe = _capture(model, tokens_NL[:1, : first_position + 1].to(device), hooks, stop)
     fingerprint, signature = model_fingerprint(model), model_signature(model)
     itemsize = np.dtype(cfg.dtype).itemsize
-    writers = {}
+    writers, manifests = {}, {}
     for hook in hooks:
         d_in = _rows(probe[hook], first_position).shape[1]
         manifest = StoreManifest(
@@ -160,8 +171,14 @@ def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str 
             contexts_sha256="",
             special_token_ids=special_token_ids(model),
         )
-        writers[hook] = StoreWriter(store_folder(root, hook), manifest, tokens_NL.numpy(), overwrite=cfg.overwrite)
+        if group.world == 1:
+            writers[hook] = StoreWriter(store_folder(root, hook), manifest, tokens_NL.numpy(), overwrite=cfg.overwrite)
+        else:
+            manifests[hook] = manifest
 
+
+    if group.world > 1:
+        return _harvest_block(model, tokens_NL, cfg, hooks, manifests, root, stop, first_position, group)
     rows_per_context = context_len - first_position
     # Resume from the least advanced store; stores further ahead drop rows they already hold.
     start = min(w.start_row for w in writers.values()) // rows_per_context
@@ -193,3 +210,72 @@ def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str 
     finally:
         bar.close()
     return {hook: writer.close() for hook, writer in writers.items()}
+
+
+def _harvest_block(model, tokens_NL, cfg: HarvestConfig, hooks, new_manifests: dict, root: Path, stop,
+                   first_position: int, group: Group) -> dict[str, ActivationStore]:
+    """This rank's share of a several-rank harvest: rank r writes shards r/W .. (r+1)/W of
+    each store (as counts of shards), running the same forward batches one process runs
+    over the contexts those rows come from; then rank 0 lists every shard in the manifests
+    (``assemble_store``). Rank 0 alone opens the folders (lock, fresh start or resume checks)."""
+    contexts_sha = hashlib.sha256(np.ascontiguousarray(tokens_NL.numpy(), dtype=np.int32).tobytes()).hexdigest()
+    group.require_same("harvests", {"hooks": hooks, "contexts_sha256": contexts_sha, "model": next(iter(new_manifests.values())).model_fingerprint,
+                                    **{k: v for k, v in vars(cfg).items() if k not in ("progress", "hooks")}})
+    folders = {hook: store_folder(root, hook) for hook in hooks}
+    opened, problem = {}, None
+    if group.is_main:
+        try:
+            for hook in hooks:
+                opened[hook] = StoreWriter(folders[hook], new_manifests[hook], tokens_NL.numpy(), overwrite=cfg.overwrite)
+        except Exception as err:
+            for writer in opened.values():
+                writer.abort()
+            problem = err
+    refusal = group.broadcast_object(None if problem is None else f"{type(problem).__name__}: {problem}")
+    if problem is not None:
+        raise problem
+    if refusal is not None:
+        raise StoreError(f"rank {group.rank} of {group.world}: rank 0 could not open the stores ({refusal})")
+    manifests = {hook: StoreManifest.from_json((folders[hook] / "manifest.json").read_text()) for hook in hooks}
+    writers = {}
+    for hook, manifest in manifests.items():
+        n = shard_count(manifest)
+        first, stop_shard = n * group.rank // group.world, n * (group.rank + 1) // group.world
+        writers[hook] = ShardBlockWriter(folders[hook], manifest, first, stop_shard, finished_shards(folders[hook], manifest))
+    rows_per_context = tokens_NL.shape[1] - first_position
+    todo = [w for w in writers.values() if w.wants(w.lo, w.hi)]
+    # On the one-process batch grid, so every forward batch is one that run computes.
+    first_context = min((w.lo // rows_per_context for w in todo), default=0) // cfg.batch_size * cfg.batch_size
+    last_context = max((-(-w.hi // rows_per_context) for w in todo), default=0)
+    bar = tqdm(total=(last_context - first_context) * tokens_NL.shape[1], unit="tok", unit_scale=True,
+               desc=f"harvest {len(hooks)} hook{'s' * (len(hooks) > 1)}, rank {group.rank} of {group.world}",
+               disable=not (cfg.progress and group.is_main))
+    device = model.cfg.device
+    try:
+        for lo in range(first_context, last_context, cfg.batch_size):
+            batch = tokens_NL[lo : lo + cfg.batch_size]
+            row_lo, row_hi = lo * rows_per_context, (lo + len(batch)) * rows_per_context
+            wanted = [h for h, w in writers.items() if w.wants(row_lo, row_hi)]
+            captured = _capture(model, batch.to(device), wanted, stop) if wanted else {}
+            for hook, writer in writers.items():
+                if hook in captured:
+                    writer.append(_rows(captured[hook], first_position), row_lo)
+                else:
+                    writer.advance(row_hi)
+            bar.update(batch.numel())
+    except BaseException:  # shards already written stay (with their records): a rerun resumes
+        for writer in opened.values():
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    group.barrier()  # every shard is on disk
+    if group.is_main:
+        try:
+            for hook in hooks:
+                assemble_store(folders[hook], manifests[hook])
+        finally:
+            for writer in opened.values():
+                writer.abort()  # releases the folder's lock; nothing of its own is buffered
+    group.barrier()  # the manifests are final
+    return {hook: ActivationStore(folders[hook], verify="size") for hook in hooks}

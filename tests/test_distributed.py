@@ -3,6 +3,7 @@ one process takes on the same global batch, resumes after one rank is killed, an
 bad set-ups with one line on every rank instead of hanging. Every run here is a real
 ``torchrun`` (or, for ranks started apart, real processes meeting at a TCP port)."""
 
+import json
 import os
 import signal
 import socket
@@ -171,3 +172,80 @@ def test_a_rank_that_never_joins_times_out_with_one_line(store, tmp_path):
     errors = one_line_errors(stderr)
     assert len(errors) == 1 and "rank 0 of 2: the ranks did not all join within 3 s" in errors[0], stderr
 
+
+
+# -- sharded harvest -----------------------------------------------------------------------------
+HARVEST = ["--tokens", 40_000, "--context-len", 64, "--batch-size", 8, "--shard-mb", 0.25, "--no-progress",
+           "--hooks", "blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"]
+
+
+def harvest_command(out: Path, nproc: int = 1) -> list[str]:
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc-per-node", str(nproc)]
+    return [*launcher, "-m", "saelib", "harvest", *map(str, HARVEST), "--out-dir", str(out)]
+
+
+def folder_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (path relative to it -> contents)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def one_process_stores(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("harvest") / "one"
+    run = subprocess.run(harvest_command(out), capture_output=True, text=True, timeout=300, env=env())
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def test_two_ranks_harvest_the_store_one_process_writes(one_process_stores, tmp_path):
+    run = subprocess.run(harvest_command(tmp_path / "two", nproc=2), capture_output=True, text=True, timeout=300, env=env())
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("harvested by 2 ranks") == 2  # rank 0 reports each store
+    alone, shared = folder_bytes(one_process_stores), folder_bytes(tmp_path / "two")
+    assert len(alone) > 300  # many shards per store, so each rank wrote a share of both
+    assert alone.keys() == shared.keys()  # no rank's records or locks left behind
+    assert [name for name in alone if alone[name] != shared[name]] == []  # shards, manifests, token records
+
+
+def test_a_killed_harvest_rank_resumes_without_redoing_finished_shards(one_process_stores, tmp_path):
+    out = tmp_path / "two"
+    launcher = subprocess.Popen(harvest_command(out, nproc=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env())
+    records = out / "blocks.1.mlp.hook_post"
+    deadline = time.time() + 120
+    # rank 1 writes the second half of the 300-odd MLP shards: wait for a few of its records
+    while time.time() < deadline and len([p for p in records.glob("shard_*.json") if int(p.stem[6:]) > 160]) < 5:
+        time.sleep(0.02)
+    os.kill(rank_pids(launcher)[1], signal.SIGKILL)
+    launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    manifest = json.loads((records / "manifest.json").read_text())
+    assert not manifest["complete"] and manifest["shards"] == []  # unfinished: nothing listed yet
+    kept = {p.name: p.stat().st_mtime_ns for p in records.glob("shard_*.npy") if p.with_suffix(".json").exists()}
+    assert kept
+    resumed = subprocess.run(harvest_command(out, nproc=2), capture_output=True, text=True, timeout=300, env=env())
+    assert resumed.returncode == 0, resumed.stderr
+    assert {name: (records / name).stat().st_mtime_ns for name in kept} == kept  # finished shards were not redone
+    alone, shared = folder_bytes(one_process_stores), folder_bytes(out)
+    assert alone.keys() == shared.keys()
+    assert [name for name in alone if alone[name] != shared[name]] == []
+
+
+def test_a_one_process_run_finishes_a_killed_sharded_harvest(one_process_stores, tmp_path):
+    """Without torchrun the store is resumed from its listed shards: the result is still
+    the same folder, with the ranks' shard records gone."""
+    out = tmp_path / "two"
+    launcher = subprocess.Popen(harvest_command(out, nproc=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env())
+    records = out / "blocks.1.mlp.hook_post"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(records.glob("shard_*.json"))) < 10:
+        time.sleep(0.02)
+    os.kill(rank_pids(launcher)[0], signal.SIGKILL)
+    launcher.communicate(timeout=120)
+    finished = subprocess.run(harvest_command(out), capture_output=True, text=True, timeout=300, env=env())
+    assert finished.returncode == 0, finished.stderr
+    alone, shared = folder_bytes(one_process_stores), folder_bytes(out)
+    assert alone.keys() == shared.keys()
+    assert [name for name in alone if alone[name] != shared[name]] == []
