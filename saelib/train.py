@@ -510,34 +510,8 @@ class SAETrainer:
 
         ``extra_metrics(trainer)`` adds its dict to every logged row, and to a first row at
         step 0 right after initialisation (e.g. MMCS to known features over training)."""
-        last = self.cfg.steps() if max_steps is None else min(self.cfg.steps(), self.step + max_steps)
-        batches = self._batches_from_here(source)
-        main = self.group.is_main
-        log = MetricsLog(self.out_dir if main else None)
-        first_step, started = self.step, time.perf_counter()
-        bar = tqdm(total=last, initial=self.step, desc=f"train {self.sae.architecture} SAE", unit="step",
-                   disable=not (self.cfg.progress and main))
-        self.sae.train()
-        governor = ThreadGovernor() if self.cfg.adapt_threads and self.device.type == "cpu" else None
-        try:
-            step_started = time.perf_counter()
-            while self.step < last and (raw_BD := next(batches, None)) is not None:
-                x_BD = self._prepared(raw_BD, source, log, extra_metrics)
-                record = self.train_step(x_BD)
-                self._log_step(record, log, bar, extra_metrics)
-                self._checkpoint_if_due()
-                now = time.perf_counter()
-                if governor is not None:
-                    governor.step_done(now - step_started)
-                step_started = now
-                if max_minutes is not None and self._time_is_up(now - started > 60 * max_minutes):
-                    break
-        finally:
-            if governor is not None:
-                governor.restore()
-            bar.close()
-            log.close()
-        return self._finish(log, first_step, time.perf_counter() - started, source)
+        return fit_together([self], source, max_steps=max_steps, max_minutes=max_minutes,
+                            extra_metrics=extra_metrics)[0]
 
     # -- the loop's named steps ------------------------------------------------------------------
     def _time_is_up(self, here: bool) -> bool:
@@ -546,8 +520,8 @@ class SAETrainer:
             return here
         return bool(self.group.max_(torch.tensor([int(here)], device=self.device)).item())
 
-    def _batches_from_here(self, source) -> Iterator[torch.Tensor]:
-        """The source's batches, past those a resumed run already trained on."""
+    def _check_source(self, source) -> None:
+        """The store fits this SAE (width, hook); warn once when its harvest is unfinished."""
         if isinstance(source, ActivationStore):
             source.require(d_in=self.sae.cfg.d_in, hook=self.sae.cfg.hook_name or None)
             m = source.manifest
@@ -555,9 +529,7 @@ class SAETrainer:
                 warnings.warn(f"store {source.folder} is incomplete ({m.n_rows} of {m.expected_rows} rows: its harvest "
                               "stopped early); training on the rows there. Rerun the harvest to finish it first if "
                               "you meant all of them (a finished store is other data: this run would not resume on it)",
-                              IncompleteStoreWarning, stacklevel=3)
-        batches = _batches(source, self.cfg)
-        return itertools.islice(batches, self.step, None) if self.step > 0 else batches
+                              IncompleteStoreWarning, stacklevel=4)
 
     def _prepared(self, raw_BD: torch.Tensor, source, log: "MetricsLog", extra_metrics) -> torch.Tensor:
         """A batch checked (width, finite), on the device and scaled; the first one also
@@ -584,8 +556,10 @@ class SAETrainer:
             if extra_metrics is not None:
                 record.update(extra_metrics(self))
             log.write(record)
-            bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
-        bar.update(1)
+            if bar is not None:
+                bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
+        if bar is not None:
+            bar.update(1)
 
     def _checkpoint_if_due(self) -> None:
         now = time.perf_counter()
@@ -626,6 +600,80 @@ class SAETrainer:
         return sae
 
 
+# Settings that decide the batch stream: SAEs trained together must share them.
+_STREAM_FIELDS = ("batch_size", "seed", "skip_special_tokens")
+
+
+def fit_together(trainers: list[SAETrainer], source, max_steps: int | None = None, max_minutes: float | None = None,
+                 extra_metrics: Callable[[SAETrainer], dict] | None = None) -> list[TrainResult]:
+    """Train several SAEs on one read of ``source``: each batch is read (and shuffled) once
+    and every trainer takes its step on it, so each SAE gets exactly the batches it would
+    get trained alone (same results), while the data is read once for all. Trainers may
+    differ in anything but the batch stream (``batch_size``, ``seed``,
+    ``skip_special_tokens``); each keeps its own schedule length, checkpoints and log, and
+    resumes from its own step. The arguments are those of ``SAETrainer.fit``, per trainer;
+    a ``TrainResult`` per trainer, in order, whose ``tokens_per_s`` counts the shared time."""
+    first = trainers[0]
+    for other in trainers[1:]:
+        differing = [f for f in _STREAM_FIELDS if getattr(other.cfg, f) != getattr(first.cfg, f)]
+        if differing:
+            raise ValueError("SAEs trained from one read of the data must share " + ", ".join(
+                f"{f} (here {getattr(first.cfg, f)!r} and {getattr(other.cfg, f)!r})" for f in differing))
+    lasts = [t.cfg.steps() if max_steps is None else min(t.cfg.steps(), t.step + max_steps) for t in trainers]
+    for trainer in trainers:
+        trainer._check_source(source)
+    start = min(t.step for t in trainers)
+    longest = max(trainers, key=lambda t: t.cfg.total_tokens).cfg  # every run's batches are a prefix of its stream
+    batches = itertools.islice(_batches(source, longest), start, None)
+    main, single = first.group.is_main, len(trainers) == 1
+    logs = [MetricsLog(t.out_dir if main else None) for t in trainers]
+    first_steps, started = [t.step for t in trainers], time.perf_counter()
+    bar = tqdm(total=max(lasts), initial=start, unit="step", disable=not (main and any(t.cfg.progress for t in trainers)),
+               desc=f"train {first.sae.architecture} SAE" if single else f"train {len(trainers)} SAEs")
+    for trainer in trainers:
+        trainer.sae.train()
+    adapt = any(t.cfg.adapt_threads for t in trainers) and first.device.type == "cpu"
+    governor = ThreadGovernor() if adapt else None
+    try:
+        index, step_started = start, time.perf_counter()
+        while any(t.step < last for t, last in zip(trainers, lasts)) and (raw_BD := next(batches, None)) is not None:
+            for trainer, log, last in zip(trainers, logs, lasts):
+                if trainer.step == index and trainer.step < last:  # one resumed further waits for the stream
+                    record = trainer.train_step(trainer._prepared(raw_BD, source, log, extra_metrics))
+                    trainer._log_step(record, log, bar if single else None, extra_metrics)
+                    trainer._checkpoint_if_due()
+            index += 1
+            if not single:
+                bar.update(1)
+            now = time.perf_counter()
+            if governor is not None:
+                governor.step_done(now - step_started)
+            step_started = now
+            if max_minutes is not None and first._time_is_up(now - started > 60 * max_minutes):
+                break
+    finally:
+        if governor is not None:
+            governor.restore()
+        bar.close()
+        for log in logs:
+            log.close()
+    seconds = time.perf_counter() - started
+    return [t._finish(log, first_step, seconds, source) for t, log, first_step in zip(trainers, logs, first_steps)]
+
+
+def train_many(runs: dict[str, tuple[SparseAutoencoder | SAEConfig, TrainConfig]], source,
+               device: str | torch.device = "cpu", max_steps: int | None = None,
+               max_minutes: float | None = None) -> dict[str, TrainResult]:
+    """Train several SAEs (e.g. several widths or k at one hook) from one read of ``source``
+    (``fit_together``): ``{name: (SAE or SAEConfig, TrainConfig)}`` -> ``{name: TrainResult}``.
+    Give each run its own ``out_dir`` to checkpoint and resume them."""
+    data = data_fingerprint(source)
+    trainers = [SAETrainer(make_sae(sae) if isinstance(sae, SAEConfig) else sae, cfg, device, data=data)
+                for sae, cfg in runs.values()]
+    results = fit_together(trainers, source, max_steps=max_steps, max_minutes=max_minutes)
+    return dict(zip(runs, results))
+
+
 def train_sae(sae: SparseAutoencoder | SAEConfig, source, cfg: TrainConfig, device: str | torch.device = "cpu",
               max_steps: int | None = None, max_minutes: float | None = None,
               extra_metrics: Callable[[SAETrainer], dict] | None = None) -> TrainResult:
@@ -652,13 +700,23 @@ def sweep(sae_cfg: SAEConfig, train_cfg: TrainConfig, source, grid: dict[str, It
     if unknown:
         raise ValueError(f"sweep grid keys {sorted(unknown)} are fields of neither SAEConfig nor TrainConfig")
     names = list(grid)
+    points = [dict(zip(names, values)) for values in itertools.product(*(list(grid[n]) for n in names))]
+    runs = {}
+    for number, point in enumerate(points):
+        changes = {k: v for k, v in point.items() if k in train_fields}
+        if train_cfg.out_dir:  # one checkpoint folder per point
+            changes["out_dir"] = str(Path(train_cfg.out_dir) / "_".join(f"{k}={v}" for k, v in point.items()))
+        runs[number] = (dataclasses.replace(sae_cfg, **{k: v for k, v in point.items() if k in sae_fields}),
+                        dataclasses.replace(train_cfg, progress=False, **changes))
+    shared = {f: getattr(train_cfg, f) for f in _STREAM_FIELDS}
+    if all(all(getattr(cfg, f) == shared[f] for f in _STREAM_FIELDS) for _, cfg in runs.values()):
+        results = train_many(runs, source, device=device)  # one read of the data for every point
+    else:  # points that change the batch stream: one read each
+        results = {number: train_sae(sae, source, cfg, device=device) for number, (sae, cfg) in runs.items()}
     rows = []
-    for values in itertools.product(*(list(grid[n]) for n in names)):
-        point = dict(zip(names, values))
-        run_sae_cfg = dataclasses.replace(sae_cfg, **{k: v for k, v in point.items() if k in sae_fields})
-        run_train_cfg = dataclasses.replace(train_cfg, progress=False, **{k: v for k, v in point.items() if k in train_fields})
-        result = train_sae(run_sae_cfg, source, run_train_cfg, device=device)
-        last = result.metrics.iloc[-1]
+    for number, point in enumerate(points):
+        result = results[number]
+        last = result.metrics.dropna(subset=["fvu"]).iloc[-1]
         row = {**point, "fvu": float(last.fvu), "l0": float(last.l0), "dead_fraction": result.dead_fraction,
                "tokens_per_s": result.tokens_per_s}
         if evaluate is not None:

@@ -128,8 +128,8 @@ def test_a_batch_that_does_not_split_over_the_ranks_stops_every_rank(store, tmp_
     run = torchrun(store.folder, tmp_path / "out", "--d-sae", 32, "--k", 4, "--batch-size", 63, "--tokens", 630,
                    timeout=120)
     assert run.returncode != 0
-    errors = one_line_errors(run.stderr)
-    assert len(errors) == 2 and all("batch_size 63 does not split evenly over 2 ranks" in e for e in errors), run.stderr
+    # both ranks say it (their lines may interleave on the shared stderr)
+    assert run.stderr.count("error: batch_size 63 does not split evenly over 2 ranks") == 2, run.stderr
     # (torchrun then prints its own report of the failed workers, with its traceback)
 
 

@@ -1,0 +1,85 @@
+"""Several SAEs from one read of the data (issue 21): ``train_many`` / ``fit_together`` give
+each SAE exactly the run it gets alone, read every batch once, and resume trainers that
+stopped at different steps."""
+
+import pytest
+import torch
+
+from saelib.sae import SAEConfig, make_sae
+from saelib.train import SAETrainer, TrainConfig, fit_together, sweep, train_many, train_sae
+
+D = 16
+
+
+class CountingSource:
+    """A callable source of the same 30 batches on every call, counting batches handed out."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        atoms = torch.randn(32, D, generator=generator)
+        codes = (torch.rand(30 * 64, 32, generator=generator) < 0.1) * torch.rand(30 * 64, 32, generator=generator)
+        self.data = (codes @ atoms).split(64)
+        self.served = 0
+
+    def __call__(self):
+        for batch in self.data:
+            self.served += 1
+            yield batch
+
+
+RUNS = {
+    "topk_k2": (SAEConfig(d_in=D, d_sae=48, architecture="topk", k=2), {}),
+    "topk_k6": (SAEConfig(d_in=D, d_sae=48, architecture="topk", k=6), {"dead_tokens": 128}),
+    "relu": (SAEConfig(d_in=D, d_sae=48, architecture="relu"), {"l1_coefficient": 0.2, "total_tokens": 64 * 20}),
+}
+
+
+def cfg(**changes) -> TrainConfig:
+    return TrainConfig(**{"total_tokens": 64 * 30, "batch_size": 64, "lr": 3e-3, "lr_warmup_steps": 3,
+                          "log_every": 5, "progress": False, **changes})
+
+
+def weights(sae):
+    return {k: v.detach().clone() for k, v in sae.state_dict().items()}
+
+
+def test_each_sae_trained_together_is_the_sae_trained_alone():
+    source = CountingSource()
+    together = train_many({name: (sae_cfg, cfg(**changes)) for name, (sae_cfg, changes) in RUNS.items()}, source)
+    assert source.served == 30  # one read for the three SAEs (the relu one stops after 20 batches)
+    for name, (sae_cfg, changes) in RUNS.items():
+        alone = train_sae(sae_cfg, CountingSource(), cfg(**changes))
+        assert together[name].step == cfg(**changes).steps()
+        for key, value in weights(alone.sae).items():
+            assert torch.equal(value, weights(together[name].sae)[key]), (name, key)
+        assert together[name].metrics.fvu.tolist() == alone.metrics.fvu.tolist()
+    assert together["topk_k6"].metrics.fvu.iloc[-1] < together["topk_k2"].metrics.fvu.iloc[-1]  # not one SAE thrice
+
+
+def test_trainers_resumed_at_different_steps_each_finish_their_own_run(tmp_path):
+    (sae_a, changes_a), (sae_b, changes_b) = RUNS["topk_k2"], RUNS["topk_k6"]
+    cfg_a, cfg_b = cfg(out_dir=str(tmp_path / "a"), **changes_a), cfg(out_dir=str(tmp_path / "b"), **changes_b)
+    train_sae(sae_a, CountingSource(), cfg_a, max_steps=12)  # a stopped at step 12, b never started
+    source = CountingSource()
+    trainers = [SAETrainer(make_sae(sae_a), cfg_a), SAETrainer(make_sae(sae_b), cfg_b)]
+    assert [t.step for t in trainers] == [12, 0]
+    resumed = fit_together(trainers, source)
+    assert source.served == 30
+    for result, (sae_cfg, changes) in zip(resumed, [RUNS["topk_k2"], RUNS["topk_k6"]]):
+        alone = train_sae(sae_cfg, CountingSource(), cfg(**changes))
+        for key, value in weights(alone.sae).items():
+            assert torch.equal(value, weights(result.sae)[key]), key
+
+
+def test_runs_that_read_the_data_differently_are_refused_together():
+    trainers = [SAETrainer(make_sae(RUNS["topk_k2"][0]), cfg()), SAETrainer(make_sae(RUNS["topk_k6"][0]), cfg(seed=1))]
+    with pytest.raises(ValueError, match=r"must share seed \(here 0 and 1\)"):
+        fit_together(trainers, CountingSource())
+
+
+def test_sweep_reads_the_data_once_and_gives_each_point_its_own_run():
+    source = CountingSource()
+    table = sweep(SAEConfig(d_in=D, d_sae=48, architecture="topk"), cfg(), source, {"k": [2, 6]})
+    assert source.served == 30
+    alone = train_sae(SAEConfig(d_in=D, d_sae=48, architecture="topk", k=6), CountingSource(), cfg())
+    assert table.set_index("k").fvu[6] == alone.metrics.fvu.iloc[-1]
