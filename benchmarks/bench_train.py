@@ -4,6 +4,13 @@
     PYTHONPATH=/path/to/sae_lens/site python benchmarks/bench_train.py   # adds SAELens rows
     python benchmarks/bench_train.py --under-load --steps 60   # quiet, then beside a busy process
     python benchmarks/bench_train.py --bf16                     # adds TopK with a bf16 selection matmul
+    python benchmarks/bench_train.py --ddp 2 --steps 30         # 2 torchrun (gloo) ranks vs 1 process
+
+``--ddp N`` trains saelib's TopK at each shape three ways on the same global batches: one
+process on ``--threads`` threads, one process on ``--threads / N`` threads, and ``N``
+ranks under ``torchrun`` (gloo) with ``--threads / N`` threads each; it prints tokens/s,
+the speed-up over each single process, and the final FVU of each (equal up to float
+summation order, since the ranks take one process's steps).
 
 ``--under-load`` runs every trainer twice: on the quiet machine, then while a competing
 process (a busy loop pinned to core 0, started and stopped by the benchmark) takes one core,
@@ -35,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -145,10 +153,7 @@ def measure(args, have_saelens: bool) -> dict:
     header = f"{'shape':>16s} {'trainer':>14s} {'tok/s':>8s} {'FVU':>6s} {'vs ref':>7s} {'GFLOP/s':>8s} {'of matmul':>9s}"
     for shape in args.shapes:
         d_in, d_sae, k = (int(v) for v in shape.split(","))
-        toy = ToyData(ToyConfig(d=d_in, n_features=4 * d_in, avg_active=2 * k, decay=0.999))
-        generator = torch.Generator().manual_seed(0)
-        pool = [toy.sample(BATCH, generator)[0] for _ in range(min(args.steps, 8))]
-        held_out = toy.sample(BATCH, generator)[0]
+        pool, held_out = toy_pool(d_in, k, args.steps)
         peak = matmul_flops(d_in, d_sae)
         print(f"\nd_in {d_in}, d_sae {d_sae}, k {k}: plain fp32 matmul {peak / 1e9:.0f} GFLOP/s")
         speedup = bf16_speedup("cpu", d_in, d_sae)
@@ -186,6 +191,56 @@ def measure(args, have_saelens: bool) -> dict:
     return out
 
 
+def toy_pool(d_in: int, k: int, steps: int):
+    """(pool of training batches, held-out batch) of the toy data for one shape."""
+    toy = ToyData(ToyConfig(d=d_in, n_features=4 * d_in, avg_active=2 * k, decay=0.999))
+    generator = torch.Generator().manual_seed(0)
+    pool = [toy.sample(BATCH, generator)[0] for _ in range(min(steps, 8))]
+    return pool, toy.sample(BATCH, generator)[0]
+
+
+def ddp_worker(shape: str, steps: int) -> None:
+    """One rank of ``--ddp``: train saelib TopK, rank 0 prints seconds and FVU as JSON."""
+    from saelib.distributed import init_from_env
+
+    group = init_from_env("cpu")
+    d_in, d_sae, k = (int(v) for v in shape.split(","))
+    pool, held_out = toy_pool(d_in, k, steps)
+    group.barrier()  # start the clock together
+    seconds, reconstruct = run_saelib(pool, steps, d_in, d_sae, k, "topk")
+    if group.is_main:
+        print("RESULT " + json.dumps({"seconds": seconds, "fvu": fvu(reconstruct, held_out)}), flush=True)
+    torch.distributed.destroy_process_group()
+
+
+def measure_ddp(args) -> None:
+    """``--ddp N``: N gloo ranks against one process, per shape."""
+    ranks = args.ddp
+    per_rank = max(1, args.threads // ranks)
+    print(f"\n== {ranks} torchrun ranks (gloo, {per_rank} thread{'s' * (per_rank > 1)} each) vs one process ==")
+    print(f"{'shape':>16s} {'run':>22s} {'tok/s':>8s} {'FVU':>6s} {'speed-up':>9s}")
+    for shape in args.shapes:
+        d_in, d_sae, k = (int(v) for v in shape.split(","))
+        pool, held_out = toy_pool(d_in, k, args.steps)
+        rows = {}
+        for threads in sorted({args.threads, per_rank}, reverse=True):
+            torch.set_num_threads(threads)
+            seconds, reconstruct = run_saelib(pool, args.steps, d_in, d_sae, k, "topk")
+            rows[f"1 process, {threads} thread{'s' * (threads > 1)}"] = (seconds, fvu(reconstruct, held_out))
+        torch.set_num_threads(args.threads)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+                   __file__, "--ddp-worker", shape, "--steps", str(args.steps)]
+        run = subprocess.run(command, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(per_rank)})
+        result = next((json.loads(line[7:]) for line in run.stdout.splitlines() if line.startswith("RESULT ")), None)
+        if result is None:
+            sys.exit(f"the {ranks}-rank run failed:\n{run.stderr[-2000:]}")
+        rows[f"{ranks} ranks x {per_rank} thread{'s' * (per_rank > 1)}"] = (result["seconds"], result["fvu"])
+        single = rows[f"1 process, {args.threads} thread{'s' * (args.threads > 1)}"][0]
+        for name, (seconds, error) in rows.items():
+            print(f"{shape:>16s} {name:>22s} {args.steps * BATCH / seconds:8.0f} {error:6.3f} {single / seconds:8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12, help="optimiser steps per trainer and shape")
@@ -195,8 +250,16 @@ def main() -> None:
                         help="add saelib TopK with encoder_dtype='bfloat16' (emulated, i.e. very slow, without AMX/AVX512-BF16)")
     parser.add_argument("--under-load", action="store_true",
                         help="measure quiet, then beside a busy process pinned to core 0, and print the shares")
+    parser.add_argument("--ddp", type=int, metavar="N", help="compare N torchrun ranks (gloo) with one process")
+    parser.add_argument("--ddp-worker", metavar="SHAPE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ddp_worker:
+        ddp_worker(args.ddp_worker, args.steps)
+        return
     torch.set_num_threads(args.threads)
+    if args.ddp:
+        measure_ddp(args)
+        return
     try:
         import sae_lens  # noqa: F401
 

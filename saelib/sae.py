@@ -260,6 +260,9 @@ class TopKSAE(SparseAutoencoder):
     select_dtype = torch.float32
     """Precision of the selection matmul in training (``TrainConfig.encoder_dtype``, set by
     the trainer); the selected entries' values are recomputed in fp32 whatever it is."""
+    dense_kernels = False
+    """Train through plain dense autograd instead of the sparse kernels (``TrainConfig.kernels``,
+    set by the trainer: faster on some GPUs, never on a CPU; ``saelib.kernels``)."""
 
     def select(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values_BK, indices_BK) of the latents that may fire, from detached pre-activations."""
@@ -310,6 +313,8 @@ class TopKSAE(SparseAutoencoder):
         self._check_width(x_BD)
         if x_BD.ndim != 2:
             raise ValueError(f"train_forward takes a [batch, d_in] batch, got shape {tuple(x_BD.shape)}")
+        if self.dense_kernels:
+            return super().train_forward(x_BD, dead_F, aux_k)
         selected, dead_BK = self.select_by_blocks(x_BD, dead_F, aux_k)
         with torch.no_grad():
             code, pre_N = SparseCode.from_rows(*selected, self.cfg.d_sae)

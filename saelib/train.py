@@ -40,6 +40,7 @@ from .sae import SAEConfig, SparseAutoencoder, init_b_dec_, init_from_data_, ini
 from .distributed import Group
 from .sparse_ops import SparseCode, SparseDecode, SparseEncode
 from .files import content_digest, remove_orphan_tmp, write_atomic
+from .kernels import KERNELS, resolve_kernels
 from .precision import ENCODER_DTYPES, resolve_encoder_dtype
 from .store import ActivationStore
 from .threads import ThreadGovernor
@@ -116,6 +117,12 @@ class TrainConfig:
     CPU without AMX or AVX512-BF16. The chosen latents' values, the decoder and every
     gradient stay fp32, so bf16 only lets latents within its rounding of a row's cut-off
     trade places. Other architectures always use fp32."""
+    kernels: str = "auto"
+    """TopK training kernels: ``sparse`` (decode and back-propagate through the k chosen
+    latents of each row alone), ``dense`` (plain autograd over all latents), or ``auto``:
+    sparse on a CPU (several times faster there), on a GPU whichever a one-off timing at this
+    SAE's shape finds faster (``saelib.kernels``). Both give the same gradients up to float
+    rounding. BatchTopK always uses sparse kernels, ReLU picks by its batch's density."""
     restart_stale: bool = False
     """A checkpoint in ``out_dir`` from another SAE config, other training settings or
     other data (``ActivationStore.fingerprint``): False refuses it, naming what differs;
@@ -130,6 +137,8 @@ class TrainConfig:
                              "would be trained; ask for at least one batch of tokens or a smaller batch_size")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr {self.lr}: the learning rate must be a positive finite number (e.g. 1e-3)")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels {self.kernels!r}: choose one of {', '.join(KERNELS)}")
         if self.encoder_dtype not in ENCODER_DTYPES:
             raise ValueError(f"encoder_dtype {self.encoder_dtype!r}: choose one of {', '.join(ENCODER_DTYPES)}")
         if self.log_every <= 0 or self.checkpoint_minutes <= 0:
@@ -301,6 +310,10 @@ class SAETrainer:
         self.device = torch.device(device)
         if hasattr(type(self.sae), "select_dtype"):  # TopK kinds: the selection matmul's precision
             self.sae.select_dtype = resolve_encoder_dtype(cfg.encoder_dtype, self.device, sae.cfg.d_in, sae.cfg.d_sae)
+        if hasattr(type(self.sae), "dense_kernels"):
+            choice = resolve_kernels(cfg.kernels, self.device, sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k,
+                                     cfg.batch_size // self.group.world)
+            self.sae.dense_kernels = choice == "dense"
         if self.group.world > 1 and hasattr(type(self.sae), "batch_group"):  # BatchTopK's cut-off is batch-wide
             self.sae.batch_group = self.group
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)

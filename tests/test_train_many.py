@@ -83,3 +83,26 @@ def test_sweep_reads_the_data_once_and_gives_each_point_its_own_run():
     assert source.served == 30
     alone = train_sae(SAEConfig(d_in=D, d_sae=48, architecture="topk", k=6), CountingSource(), cfg())
     assert table.set_index("k").fvu[6] == alone.metrics.fvu.iloc[-1]
+
+
+def test_dense_kernels_train_the_same_sae_as_the_sparse_ones():
+    """TrainConfig.kernels: plain dense autograd and the sparse kernels take the same steps
+    up to float rounding; 'auto' on a CPU is the sparse path (bitwise)."""
+    sae_cfg, changes = RUNS["topk_k6"]  # AuxK on too
+    results = {kernels: train_sae(sae_cfg, CountingSource(), cfg(kernels=kernels, **changes))
+               for kernels in ("sparse", "dense", "auto")}
+    sparse, dense, auto = (weights(results[name].sae) for name in ("sparse", "dense", "auto"))
+    for key in sparse:
+        assert torch.equal(auto[key], sparse[key]), key
+        torch.testing.assert_close(dense[key], sparse[key], rtol=1e-4, atol=1e-4, msg=key)
+    assert any(not torch.equal(dense[key], sparse[key]) for key in sparse)  # the dense path did run
+    with pytest.raises(ValueError, match="kernels 'fast': choose one of sparse, dense, auto"):
+        cfg(kernels="fast")
+
+
+def test_the_kernel_timing_a_gpu_would_use_runs_both_paths():
+    """The one-off timing ``auto`` runs on a GPU, run here on the CPU at a tiny shape."""
+    from saelib.kernels import dense_over_sparse_time
+
+    ratio = dense_over_sparse_time("cpu", 16, 64, 4, rows=256)
+    assert 0 < ratio < float("inf")
