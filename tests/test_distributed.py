@@ -249,3 +249,20 @@ def test_a_one_process_run_finishes_a_killed_sharded_harvest(one_process_stores,
     alone, shared = folder_bytes(one_process_stores), folder_bytes(out)
     assert alone.keys() == shared.keys()
     assert [name for name in alone if alone[name] != shared[name]] == []
+
+
+def test_harvest_ranks_started_with_different_tokens_fail_on_every_rank(tmp_path):
+    port = free_port()
+    ranks = []
+    for rank, tokens in enumerate([4000, 6000]):
+        command = [sys.executable, "-m", "saelib", "harvest", "--hooks", "blocks.0.hook_resid_post", "--tokens",
+                   str(tokens), "--context-len", "64", "--no-progress", "--out-dir", str(tmp_path / "stores")]
+        ranks.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                              MASTER_PORT=str(port), SAELIB_DIST_TIMEOUT="60")))
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    for rank, (_, stderr) in zip(ranks, outputs):
+        assert rank.returncode == 2, stderr
+        errors = one_line_errors(stderr)
+        assert len(errors) == 1 and "ranks 0 and 1 were started with different harvests (contexts_sha256=" in errors[0], stderr
+    assert not list((tmp_path / "stores").rglob("shard_*"))
