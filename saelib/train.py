@@ -287,6 +287,13 @@ class MetricsLog:
         return pd.DataFrame(self.rows)
 
 
+def run_identity(sae_cfg: SAEConfig, cfg: TrainConfig, data: dict | None) -> dict:
+    """What every rank of one run must agree on: the SAE, the settings that change the steps,
+    the data."""
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
+    return {"sae": dataclasses.asdict(sae_cfg), **train, "data": data}
+
+
 class SAETrainer:
     """Owns one run: the SAE (in normalised-input space), optimiser, step, dead counters.
 
@@ -305,15 +312,18 @@ class SAETrainer:
                              f"use a multiple of {self.group.world} (the global batch is shared out)")
         if not sae.trains:
             raise ValueError(f"{sae.architecture} SAEs are inference-only here; train topk, batchtopk or relu")
+        # before any other collective: ranks that disagree must not wait on different calls
+        self.group.require_same("settings or data", run_identity(sae.cfg, cfg, data))
         self.sae = sae.to(device)
         self.cfg = cfg
         self.device = torch.device(device)
         if hasattr(type(self.sae), "select_dtype"):  # TopK kinds: the selection matmul's precision
-            self.sae.select_dtype = resolve_encoder_dtype(cfg.encoder_dtype, self.device, sae.cfg.d_in, sae.cfg.d_sae)
-        if hasattr(type(self.sae), "dense_kernels"):
+            dtype = resolve_encoder_dtype(cfg.encoder_dtype, self.device, sae.cfg.d_in, sae.cfg.d_sae)
+            self.sae.select_dtype = getattr(torch, self.group.broadcast_object(str(dtype).removeprefix("torch.")))
+        if hasattr(type(self.sae), "dense_kernels"):  # timed choices: every rank takes rank 0's
             choice = resolve_kernels(cfg.kernels, self.device, sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k,
                                      cfg.batch_size // self.group.world)
-            self.sae.dense_kernels = choice == "dense"
+            self.sae.dense_kernels = self.group.broadcast_object(choice) == "dense"
         if self.group.world > 1 and hasattr(type(self.sae), "batch_group"):  # BatchTopK's cut-off is batch-wide
             self.sae.batch_group = self.group
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
@@ -325,7 +335,6 @@ class SAETrainer:
         self.saved_step: int | None = None
         """Step of the newest checkpoint on disk (None: none yet)."""
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
-        self.group.require_same("settings or data", self._identity())
         if self.out_dir is not None:
             if self.group.is_main:
                 remove_orphan_tmp(self.out_dir)
@@ -339,11 +348,6 @@ class SAETrainer:
                 (self.out_dir / METRICS_FILE).unlink()
             self.group.require_same("checkpoints (is out_dir one shared folder?)", {"resumed_step": self.step})
 
-    def _identity(self) -> dict:
-        """What every rank of one run must agree on: the SAE, the settings that change the
-        steps, the data."""
-        train = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in _RESUME_FREE}
-        return {"sae": dataclasses.asdict(self.sae.cfg), **train, "data": self.data}
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict:
