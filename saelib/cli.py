@@ -250,20 +250,62 @@ def _cmd_train(args) -> int:
 
 
 def _train_command(args, device: str, group) -> int:
+    import dataclasses
+
     from .sae import SAEConfig
     from .store import ActivationStore
-    from .train import TrainConfig, train_sae
+    from .train import TrainConfig, train_many
 
     store = ActivationStore(args.store)
     out = Path(args.out)
     sae_cfg = config_from_args(SAEConfig, args, d_in=store.d_in, model_name=store.manifest.model, hook_name=store.hook)
     train_cfg = config_from_args(TrainConfig, args, out_dir=str(out / "checkpoint"))
-    if sae_cfg.architecture == "relu" and train_cfg.l1_coefficient <= 0:
-        raise ValueError("a relu SAE needs an L1 penalty: pass --l1-coefficient, e.g. 0.1 (notebook 03's value)")
-    result = train_sae(sae_cfg, store, train_cfg, device=device, max_minutes=args.max_minutes)
-    if not group.is_main:  # rank 0 writes the SAE and reports; the others hold the same weights
+    runs = {}
+    for point in _sweep_points(args.sweep or [], SAEConfig, TrainConfig):
+        folder = out / "_".join(f"{k}={v}" for k, v in point.items()) if point else out
+        run_sae = dataclasses.replace(sae_cfg, **{k: v for k, v in point.items() if hasattr(sae_cfg, k)})
+        run_train = dataclasses.replace(train_cfg, out_dir=str(folder / "checkpoint"),
+                                        **{k: v for k, v in point.items() if not hasattr(sae_cfg, k)})
+        if run_sae.architecture == "relu" and run_train.l1_coefficient <= 0:
+            raise ValueError("a relu SAE needs an L1 penalty: pass --l1-coefficient, e.g. 0.1 (notebook 03's value)")
+        runs[folder] = (run_sae, run_train)
+    # one read of the store for every SAE of a sweep
+    results = train_many(runs, store, device=device, max_minutes=args.max_minutes)
+    if not group.is_main:  # rank 0 writes the SAEs and reports; the others hold the same weights
         return 0
-    result.sae.save(out)
+    for folder, result in results.items():
+        result.sae.save(folder)
+        _report_trained(result, runs[folder][1], folder, group.world)
+    return 0
+
+
+def _sweep_points(items: list[str], *configs) -> list[dict]:
+    """``["k=16,32", "d_sae=4096"]`` -> one dict per combination ({} without a sweep)."""
+    import dataclasses
+    import itertools
+
+    fields = {f.name for cls in configs for f in dataclasses.fields(cls)}
+    names, values = [], []
+    for item in items:
+        name, _, listed = item.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if name not in fields or not listed:
+            raise ValueError(f"--sweep {item!r}: write FIELD=V1,V2,... with a field of the train options (e.g. k=16,32,64)")
+        names.append(name)
+        values.append([_plain_value(v) for v in listed.split(",")])
+    return [dict(zip(names, combo)) for combo in itertools.product(*values)]
+
+
+def _plain_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _report_trained(result, train_cfg, out: Path, world: int) -> None:
     # the step trained and checkpointed, not the last logged row's (rows come every log_every steps)
     logged = result.metrics.dropna(subset=["fvu"]) if "fvu" in result.metrics else result.metrics.iloc[:0]
     quality = (f"at logged step {int(logged.step.iloc[-1])}: FVU {logged.fvu.iloc[-1]:.4f}, L0 {logged.l0.iloc[-1]:.1f}; "
@@ -273,8 +315,7 @@ def _train_command(args, device: str, group) -> int:
           f"checkpoint {Path(train_cfg.out_dir) / 'trainer_state.pt'} holds step {result.step}"
           f"{'' if done else ' (rerun the same command to continue)'}; {quality}"
           f"dead {result.dead_fraction:.2%}, {result.tokens_per_s:,.0f} tokens/s"
-          + (f" over {group.world} ranks" if group.world > 1 else ""))
-    return 0
+          + (f" over {world} ranks" if world > 1 else ""))
 
 
 def _cmd_zoo_corpus(args) -> int:
@@ -398,7 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(tr, SAEConfig, skip=("d_in", "model_name", "hook_name", "metadata"),
                     choices={"architecture": [n for n, cls in ARCHITECTURES.items() if cls.trains]})
     add_config_args(tr, TrainConfig, skip=("out_dir",), aliases={"total_tokens": ["--tokens"], "l1_coefficient": ["--l1"]},
-                    choices={"b_dec_init": ["geometric_median", "mean", "zeros"], "dictionary_init": ["tied", "data"]})
+                    choices={"b_dec_init": ["geometric_median", "mean", "zeros"], "dictionary_init": ["tied", "data"],
+                             "kernels": ["sparse", "dense", "auto"]})
+    tr.add_argument("--sweep", nargs="+", metavar="FIELD=V1,V2",
+                    help="train one SAE per combination (e.g. k=16,32,64 d_sae=4096,8192) from one read of the store, "
+                         "each into OUT/FIELD=V_... ; the other options apply to all")
     tr.add_argument("--max-minutes", type=positive(float), help="stop (with a checkpoint) after this long")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--threads", type=positive(int), help="torch threads")

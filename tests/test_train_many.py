@@ -106,3 +106,27 @@ def test_the_kernel_timing_a_gpu_would_use_runs_both_paths():
 
     ratio = dense_over_sparse_time("cpu", 16, 64, 4, rows=256)
     assert 0 < ratio < float("inf")
+
+
+def test_the_command_line_sweep_trains_each_point_as_its_own_command_would(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from test_training_guards import write_store
+
+    store = write_store(tmp_path / "store", torch.cat(CountingSource().data))
+    common = [sys.executable, "-m", "saelib", "train", str(store.folder)]
+    options = ["--d-sae", "48", "--batch-size", "64", "--tokens", "1280", "--no-progress"]
+    swept = subprocess.run([*common, str(tmp_path / "sweep"), *options, "--sweep", "k=2,6"], capture_output=True, text=True)
+    assert swept.returncode == 0, swept.stderr
+    assert swept.stdout.count("trained step 20 of 20") == 2
+    alone = subprocess.run([*common, str(tmp_path / "alone"), *options, "--k", "6"], capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr
+    sweep_k6, alone_k6 = (load_file(tmp_path / p / "sae_weights.safetensors") for p in ("sweep/k=6", "alone"))
+    assert all(torch.equal(sweep_k6[name], alone_k6[name]) for name in alone_k6)
+    sweep_k2 = load_file(tmp_path / "sweep" / "k=2" / "sae_weights.safetensors")
+    assert not torch.equal(sweep_k2["W_enc"], sweep_k6["W_enc"])
+    bad = subprocess.run([*common, str(tmp_path / "bad"), *options, "--sweep", "kk=2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--sweep 'kk=2': write FIELD=V1,V2" in bad.stderr
