@@ -103,3 +103,24 @@ def test_restore_puts_back_the_starting_count(two_threads):
     assert torch.get_num_threads() == 1
     governor.restore()
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("first, preset, expected", [
+    ("import ipykernel, saelib", None, "PASSIVE"),        # a notebook kernel, saelib before torch
+    ("import saelib", None, None),                        # a script: OpenMP's default
+    ("import ipykernel, torch, saelib", None, None),      # too late: torch already loaded OpenMP
+    ("import ipykernel, saelib", "ACTIVE", "ACTIVE"),     # the user's choice stands
+])
+def test_notebook_kernels_get_sleeping_openmp_threads(first, preset, expected):
+    """The wait policy saelib sets for Jupyter kernels (saelib/__init__.py), in real processes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = f"{first}; import os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == str(expected)
