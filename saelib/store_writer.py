@@ -364,6 +364,8 @@ def assemble_store(folder: Path, manifest: StoreManifest) -> ActivationStore:
     shard order as ``StoreWriter`` sums them, mark it complete and remove the records.
     ``manifest`` is the store's current one (its listed shards are kept)."""
     folder = Path(folder)
+    if manifest.complete and len(manifest.shards) == shard_count(manifest):
+        return ActivationStore(folder, verify="size")  # finished before: only read, as one process would
     total = np.zeros(manifest.d_in, dtype=np.float64) * 0
     total_norm = total_sq = 0.0
     shards = []

@@ -206,6 +206,11 @@ def test_two_ranks_harvest_the_store_one_process_writes(one_process_stores, tmp_
     assert len(alone) > 300  # many shards per store, so each rank wrote a share of both
     assert alone.keys() == shared.keys()  # no rank's records or locks left behind
     assert [name for name in alone if alone[name] != shared[name]] == []  # shards, manifests, token records
+    manifest = tmp_path / "two" / "blocks.1.hook_resid_post" / "manifest.json"
+    written = manifest.stat().st_mtime_ns
+    again = subprocess.run(harvest_command(tmp_path / "two", nproc=2), capture_output=True, text=True, timeout=300, env=env())
+    assert again.returncode == 0, again.stderr
+    assert manifest.stat().st_mtime_ns == written  # a finished store is only read
 
 
 def test_a_killed_harvest_rank_resumes_without_redoing_finished_shards(one_process_stores, tmp_path):
