@@ -280,29 +280,25 @@ def _train_command(args, device: str, group) -> int:
 
 
 def _sweep_points(items: list[str], *configs) -> list[dict]:
-    """``["k=16,32", "d_sae=4096"]`` -> one dict per combination ({} without a sweep)."""
+    """``["k=16,32", "d_sae=4096"]`` -> one dict per combination ({} without a sweep), each
+    value converted to its field's type as the matching option would convert it."""
     import dataclasses
     import itertools
+    import typing
 
-    fields = {f.name for cls in configs for f in dataclasses.fields(cls)}
+    kinds = {f.name: _value_type(typing.get_type_hints(cls)[f.name]) for cls in configs for f in dataclasses.fields(cls)}
     names, values = [], []
     for item in items:
         name, _, listed = item.partition("=")
         name = name.strip().lstrip("-").replace("-", "_")
-        if name not in fields or not listed:
+        if name not in kinds or not listed:
             raise ValueError(f"--sweep {item!r}: write FIELD=V1,V2,... with a field of the train options (e.g. k=16,32,64)")
-        names.append(name)
-        values.append([_plain_value(v) for v in listed.split(",")])
-    return [dict(zip(names, combo)) for combo in itertools.product(*values)]
-
-
-def _plain_value(text: str):
-    for kind in (int, float):
         try:
-            return kind(text)
+            values.append([kinds[name](v) for v in listed.split(",")])
         except ValueError:
-            pass
-    return text
+            raise ValueError(f"--sweep {item!r}: {name} takes {kinds[name].__name__} values") from None
+        names.append(name)
+    return [dict(zip(names, combo)) for combo in itertools.product(*values)]
 
 
 def _report_trained(result, train_cfg, out: Path, world: int) -> None:

@@ -130,3 +130,5 @@ def test_the_command_line_sweep_trains_each_point_as_its_own_command_would(tmp_p
     assert not torch.equal(sweep_k2["W_enc"], sweep_k6["W_enc"])
     bad = subprocess.run([*common, str(tmp_path / "bad"), *options, "--sweep", "kk=2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--sweep 'kk=2': write FIELD=V1,V2" in bad.stderr
+    wrong = subprocess.run([*common, str(tmp_path / "bad"), *options, "--sweep", "k=2,abc"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--sweep 'k=2,abc': k takes int values" in wrong.stderr
