@@ -1,9 +1,9 @@
 """Several processes training one SAE: the collectives the trainer needs, and nothing more.
 
 Under ``torchrun --nproc-per-node N python -m saelib train ...`` (or any program that has
-called ``torch.distributed.init_process_group``) every rank reads the same global batch
-of ``batch_size`` rows from the store and trains on its own contiguous slice of
-``batch_size / N`` rows. Every normaliser of the loss (the inputs' variance, their mean
+called ``torch.distributed.init_process_group``) every rank works out the same global
+batch of ``batch_size`` store rows (from row numbers alone), reads only its own contiguous
+slice of ``batch_size / N`` of them and trains on it. Every normaliser of the loss (the inputs' variance, their mean
 norm, the AuxK error's variance) is computed over the *global* batch, each rank's loss is
 its share of the global loss, and gradients are summed across ranks: a step is the step
 one process would take on the whole batch, up to float summation order. Dead-latent
@@ -28,6 +28,9 @@ from .metrics import variance_per_vector
 TIMEOUT_ENV = "SAELIB_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 """Seconds a collective (or the start-up rendezvous) waits for the other ranks."""
+
+joined = False
+"""Whether this process joined a distributed job (``init_from_env``)."""
 
 
 class DistributedError(RuntimeError):
@@ -77,6 +80,8 @@ def init_from_env(device: str = "cpu") -> "Group":
         torch.cuda.set_device(torch.device(local_device(device)))
     seconds = timeout_s()
     rank = os.environ.get("RANK", "?")
+    global joined
+    joined = True  # even if the rendezvous fails: torch.distributed state may exist
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     except Exception as err:
@@ -172,14 +177,21 @@ class Group:
         self._collective("receiving rank 0's decision", lambda: dist.broadcast_object_list(box, src=0))
         return box[0]
 
+    def gather_objects(self, value) -> list:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        every: list = [None] * self.world
+        self._collective("exchanging with the other ranks", lambda: dist.all_gather_object(every, value))
+        return every
+
     def require_same(self, what: str, description: dict) -> None:
         """Raise on every rank unless ``description`` (JSON-able) is equal on all of them.
         ``what`` names it in the error, e.g. "training settings"."""
         if self.world == 1:
             return
         mine = json.dumps(description, sort_keys=True, default=str)
-        every: list = [None] * self.world
-        self._collective(f"comparing {what}", lambda: dist.all_gather_object(every, mine))
+        every = self.gather_objects(mine)
         if all(other == mine for other in every):
             return
         reference = _leaves(json.loads(every[0]))
@@ -193,8 +205,9 @@ class Group:
                     "start every rank with the same command and data")
 
     # -- the batch ---------------------------------------------------------------------------
-    def local_rows(self, batch_BD: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous share of a global batch: [B / world, D]."""
+    def local_rows(self, batch_BD):
+        """This rank's contiguous share of a global batch (a tensor [B, D] or the batch's row
+        numbers [B]): its rows B/world * rank ... B/world * (rank + 1)."""
         if self.world == 1:
             return batch_BD
         if len(batch_BD) % self.world:

@@ -25,7 +25,7 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -265,6 +265,16 @@ class ActivationStore:
             raise CorruptShardError(f"shard {path} fails its sha256 check (altered or damaged); {self._fix_hint(index)}")
         self._verified.add(index)
 
+    def verify(self, indices: Iterable[int] | None = None) -> None:
+        """Check the sha256 of shards ``indices`` (default: all) now; raises ``CorruptShardError``."""
+        for index in range(len(self.manifest.shards)) if indices is None else indices:
+            self._check_sha(index)
+
+    def trust_verified(self, indices: Iterable[int]) -> None:
+        """Treat shards ``indices`` as checked: another process of the same run checked them
+        (each rank of a distributed run checks its share, and they exchange the outcome)."""
+        self._verified.update(int(i) for i in indices)
+
     def _fix_hint(self, index: int) -> str:
         return (
             f"run the same harvest again with resume: it re-checks the shards and rewrites shard {index} "
@@ -312,7 +322,29 @@ class ActivationStore:
             return torch.empty(0, self.d_in)
         return torch.from_numpy(np.concatenate(pieces))
 
-    def iter_batches(
+    def gather(self, rows: np.ndarray) -> torch.Tensor:
+        """Rows at store indices ``rows`` (any order, repeats allowed) as float32:
+        [len(rows), d_in]. Each shard is indexed once, at its rows in increasing order; the
+        shards are memory-mapped, so rows not asked for are not copied."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.d_in), dtype=np.float32)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} are outside store {self.folder} ({self.n_rows} rows)")
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        starts = self._shard_starts()
+        bounds = np.searchsorted(sorted_rows, starts)  # where each shard's rows begin in sorted_rows
+        for index in range(len(self.manifest.shards)):
+            lo, hi = bounds[index], bounds[index + 1]
+            if lo < hi:
+                out[order[lo:hi]] = self.shard(index)[sorted_rows[lo:hi] - starts[index]]
+        return torch.from_numpy(out)
+
+    def _shard_starts(self) -> np.ndarray:
+        """First store row of each shard, then the row count: int64 [n_shards + 1]."""
+        return np.concatenate([[0], np.cumsum([info.rows for info in self.manifest.shards], dtype=np.int64)])
+
+    def iter_batch_rows(
         self,
         batch_size: int,
         shuffle: bool = True,
@@ -322,18 +354,21 @@ class ActivationStore:
         epochs: int = 1,
         drop_last: bool = True,
         skip_special: bool = False,
-    ) -> Iterator[torch.Tensor]:
-        """Float32 batches [batch_size, d_in] over the store, ``epochs`` times.
+    ) -> Iterator[np.ndarray]:
+        """The store rows of each batch, int64 [batch_size], worked out from the manifest (and,
+        for ``skip_special``, the token records) without reading an activation.
 
         With ``shuffle``, chunks of ``chunk_rows`` consecutive rows are visited in random
-        order across all shards and mixed in a buffer of at most ``buffer_rows`` rows, so
-        RAM use is set by ``buffer_rows`` and not by the store's size. ``skip_special``
-        leaves out rows at special tokens (``manifest.special_token_ids``).
+        order across all shards and mixed in a buffer of at most ``buffer_rows`` rows, so a
+        batch draws from a bounded window of the store and RAM use does not grow with it.
+        ``skip_special`` leaves out rows at special tokens (``manifest.special_token_ids``).
+        The stream depends only on these arguments and the manifest, so every rank of a
+        distributed run draws the same global batches and reads only its own rows of each.
         """
         rng = np.random.default_rng(seed)
-        starts = np.concatenate([[0], np.cumsum([info.rows for info in self.manifest.shards])])
+        starts = self._shard_starts()
         chunks = [
-            (index, lo, min(lo + chunk_rows, info.rows))
+            (starts[index] + lo, starts[index] + min(lo + chunk_rows, info.rows))
             for index, info in enumerate(self.manifest.shards)
             for lo in range(0, info.rows, chunk_rows)
         ]
@@ -343,10 +378,10 @@ class ActivationStore:
             buffer: list[np.ndarray] = []
             held = 0
             for chunk_index in order:
-                index, lo, hi = chunks[chunk_index]
-                piece = np.asarray(self.shard(index)[lo:hi], dtype=np.float32)
+                lo, hi = chunks[chunk_index]
+                piece = np.arange(lo, hi, dtype=np.int64)
                 if skip_special:
-                    piece = piece[~self.special_rows(starts[index] + lo, starts[index] + hi)]
+                    piece = piece[~self.special_rows(lo, hi)]
                 buffer.append(piece)
                 held += len(piece)
                 if held >= buffer_rows:
@@ -356,7 +391,7 @@ class ActivationStore:
                     # Emit half the pool and keep the rest to mix with rows still to come.
                     n_out = (len(pool) // 2 // batch_size) * batch_size
                     for b in range(0, n_out, batch_size):
-                        yield torch.from_numpy(pool[b : b + batch_size])
+                        yield pool[b : b + batch_size]
                     buffer, held = [pool[n_out:]], len(pool) - n_out
             if buffer:
                 pool = np.concatenate(buffer)
@@ -364,7 +399,16 @@ class ActivationStore:
                     pool = pool[rng.permutation(len(pool))]
                 for b in range(0, len(pool), batch_size):
                     if b + batch_size <= len(pool) or not drop_last:
-                        yield torch.from_numpy(pool[b : b + batch_size])
+                        yield pool[b : b + batch_size]
+
+    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, buffer_rows: int = 1 << 18,
+                     chunk_rows: int = 2048, epochs: int = 1, drop_last: bool = True,
+                     skip_special: bool = False) -> Iterator[torch.Tensor]:
+        """Float32 batches [batch_size, d_in] over the store, ``epochs`` times: the rows of
+        ``iter_batch_rows`` (same arguments, which it describes), read."""
+        for rows in self.iter_batch_rows(batch_size, shuffle, seed, buffer_rows, chunk_rows, epochs, drop_last,
+                                         skip_special):
+            yield self.gather(rows)
 
     # -- token records -----------------------------------------------------------------
     def contexts(self) -> np.ndarray:

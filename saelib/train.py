@@ -42,7 +42,7 @@ from .sparse_ops import SparseCode, SparseDecode, SparseEncode
 from .files import content_digest, remove_orphan_tmp, write_atomic
 from .kernels import KERNELS, resolve_kernels
 from .precision import ENCODER_DTYPES, resolve_encoder_dtype
-from .store import ActivationStore
+from .store import ActivationStore, CorruptShardError, StoreError
 from .threads import ThreadGovernor
 
 STATE_FILE = "trainer_state.pt"
@@ -245,14 +245,61 @@ def data_fingerprint(source) -> dict | None:
     return source.fingerprint() if isinstance(source, ActivationStore) else None
 
 
-def _batches(source, cfg: TrainConfig) -> Iterator[torch.Tensor]:
+class _Batch(NamedTuple):
+    """One global batch as one rank sees it."""
+    local_BD: torch.Tensor
+    """This rank's contiguous share of the rows: [batch_size / world, d_in] (all of them in one process)."""
+    whole: Callable[[], torch.Tensor]
+    """The whole global batch [batch_size, d_in]; read only for a fresh run's set-up from its first batch."""
+
+
+def _batches(source, cfg: TrainConfig, group: Group) -> Iterator[_Batch]:
+    """The batch stream of ``cfg`` over ``source``. From a store every rank works out the same
+    global batches (row numbers only) and reads just its own rows of each, so N ranks read
+    the store once between them, not N times."""
     if isinstance(source, ActivationStore):
         epochs = math.ceil(cfg.total_tokens / max(1, len(source))) + 1
-        return source.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs,
-                                   skip_special=cfg.skip_special_tokens)
-    if callable(source):
-        return iter(source())
-    return iter(source)
+        for rows in source.iter_batch_rows(cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs,
+                                           skip_special=cfg.skip_special_tokens):
+            yield _Batch(source.gather(group.local_rows(rows)), lambda rows=rows: source.gather(rows))
+        return
+    for raw_BD in (source() if callable(source) else source):
+        yield _Batch(group.local_rows(raw_BD), lambda raw_BD=raw_BD: raw_BD)
+
+
+def _verify_store_shares(source, group: Group) -> None:
+    """Under several ranks each checks the sha256 of its share of the store's shards before
+    training, and a failure found by any rank stops every rank with its message, so the
+    checksum read is split as well, and nobody hangs on a rank that stopped. One process
+    keeps the lazy check (each shard when first read)."""
+    if group.world == 1 or not isinstance(source, ActivationStore):
+        return
+    n = len(source.manifest.shards)
+    problem = None
+    try:
+        source.verify(range(group.rank * n // group.world, (group.rank + 1) * n // group.world))
+    except StoreError as err:
+        problem = str(err)
+    found = next((p for p in group.gather_objects(problem) if p), None)
+    if found:
+        raise CorruptShardError(found)
+    source.trust_verified(range(n))
+
+
+def _check_finite(batch: _Batch, source, index: int, group: Group) -> None:
+    """Refuse a batch holding NaN or inf on any rank, on every rank (one flag is reduced)."""
+    bad = not bool(torch.isfinite(batch.local_BD).all())
+    if group.world > 1:
+        bad = bool(group.max_(torch.tensor([int(bad)])).item())
+    if not bad:
+        return
+    if isinstance(source, ActivationStore):
+        where = source.locate_non_finite()
+        detail = f"store {source.folder}, {where}" if where else f"store {source.folder}"
+        remedy = "harvest that store again (--overwrite) or into a new folder"
+    else:
+        detail, remedy = "the data source (not a store)", "check what it yields"
+    raise ValueError(f"batch {index} holds NaN or inf activations: {detail}; {remedy}")
 
 
 class MetricsLog:
@@ -548,24 +595,16 @@ class SAETrainer:
                               "you meant all of them (a finished store is other data: this run would not resume on it)",
                               IncompleteStoreWarning, stacklevel=4)
 
-    def _prepared(self, raw_BD: torch.Tensor, source, log: "MetricsLog", extra_metrics) -> torch.Tensor:
-        """A batch checked (width, finite), on the device and scaled; the first one also
-        initialises input scale, b_dec and dictionary."""
-        raw_BD = raw_BD.to(self.device, torch.float32)
-        self.sae._check_width(raw_BD)
-        if not torch.isfinite(raw_BD).all():
-            if isinstance(source, ActivationStore):
-                where = source.locate_non_finite()
-                detail = f"store {source.folder}, {where}" if where else f"store {source.folder}"
-                remedy = "harvest that store again (--overwrite) or into a new folder"
-            else:
-                detail, remedy = "the data source (not a store)", "check what it yields"
-            raise ValueError(f"batch {self.step} holds NaN or inf activations: {detail}; {remedy}")
-        if self.input_scale is None:  # from the whole global batch: the same on every rank
-            self._initialise(raw_BD, source)
+    def _prepared(self, batch: _Batch, source, log: "MetricsLog", extra_metrics) -> torch.Tensor:
+        """This rank's rows of a batch (already checked finite), width-checked, on the device
+        and scaled; the first batch of a fresh run also sets input scale, b_dec and dictionary
+        from the whole global batch, the same on every rank."""
+        self.sae._check_width(batch.local_BD)
+        if self.input_scale is None:
+            self._initialise(batch.whole().to(self.device, torch.float32), source)
             if extra_metrics is not None and self.group.is_main:
                 log.write({"step": 0, "tokens": 0, **extra_metrics(self)})
-        return self.group.local_rows(raw_BD) * self.input_scale
+        return batch.local_BD.to(self.device, torch.float32) * self.input_scale
 
     def _log_step(self, record: dict, log: "MetricsLog", bar, extra_metrics) -> None:
         if (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps()) and self.group.is_main:
@@ -641,7 +680,8 @@ def fit_together(trainers: list[SAETrainer], source, max_steps: int | None = Non
         trainer._check_source(source)
     start = min(t.step for t in trainers)
     longest = max(trainers, key=lambda t: t.cfg.total_tokens).cfg  # every run's batches are a prefix of its stream
-    batches = itertools.islice(_batches(source, longest), start, None)
+    _verify_store_shares(source, first.group)
+    batches = itertools.islice(_batches(source, longest, first.group), start, None)
     main, single = first.group.is_main, len(trainers) == 1
     logs = [MetricsLog(t.out_dir if main else None) for t in trainers]
     first_steps, started = [t.step for t in trainers], time.perf_counter()
@@ -653,10 +693,11 @@ def fit_together(trainers: list[SAETrainer], source, max_steps: int | None = Non
     governor = ThreadGovernor() if adapt else None
     try:
         index, step_started = start, time.perf_counter()
-        while any(t.step < last for t, last in zip(trainers, lasts)) and (raw_BD := next(batches, None)) is not None:
+        while any(t.step < last for t, last in zip(trainers, lasts)) and (batch := next(batches, None)) is not None:
+            _check_finite(batch, source, index, first.group)
             for trainer, log, last in zip(trainers, logs, lasts):
                 if trainer.step == index and trainer.step < last:  # one resumed further waits for the stream
-                    record = trainer.train_step(trainer._prepared(raw_BD, source, log, extra_metrics))
+                    record = trainer.train_step(trainer._prepared(batch, source, log, extra_metrics))
                     trainer._log_step(record, log, bar if single else None, extra_metrics)
                     trainer._checkpoint_if_due()
             index += 1

@@ -3,8 +3,10 @@ one process takes on the same global batch, resumes after one rank is killed, an
 bad set-ups with one line on every rank instead of hanging. Every run here is a real
 ``torchrun`` (or, for ranks started apart, real processes meeting at a TCP port)."""
 
+import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -82,6 +85,33 @@ def test_two_ranks_take_the_steps_of_one_process(store, tmp_path, architecture):
         assert load_file(tmp_path / "two" / "sae_weights.safetensors")["threshold"][0] > 0
 
 
+def test_each_rank_reads_only_its_own_rows_of_each_global_batch(store):
+    """The ranks split the reading, not only the training: at every step rank r reads just
+    rows B/N*r ... B/N*(r+1) of the global batch one process reads, and they hold its values."""
+    from saelib.distributed import Group
+    from saelib.store import ActivationStore
+    from saelib.train import TrainConfig, _batches
+
+    cfg = TrainConfig(batch_size=64, total_tokens=64 * 40)
+    reads = {}
+
+    def spied(rank: int) -> ActivationStore:
+        reader = ActivationStore(store.folder)
+        gather = reader.gather
+        reads[rank] = []
+        reader.gather = lambda rows: (reads[rank].append(np.asarray(rows).copy()), gather(rows))[1]
+        return reader
+
+    alone = list(itertools.islice(_batches(spied(-1), cfg, Group.single()), 40))
+    ranks = [list(itertools.islice(_batches(spied(r), cfg, Group(r, 2)), 40)) for r in (0, 1)]
+    for step in range(40):
+        assert torch.equal(torch.cat([ranks[0][step].local_BD, ranks[1][step].local_BD]), alone[step].local_BD)
+        first, second, whole = reads[0][step], reads[1][step], reads[-1][step]
+        assert len(first) == len(second) == 32 and np.array_equal(np.concatenate([first, second]), whole)
+    assert sum(map(len, reads[0])) == sum(map(len, reads[-1])) // 2  # half the rows each, nothing read twice
+    assert torch.equal(ranks[1][0].whole(), alone[0].local_BD)  # the whole first batch, for set-up, on demand
+
+
 def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
     """{rank: pid} of the workers torchrun started (read from their environment)."""
     found = {}
@@ -145,6 +175,24 @@ def start_rank(rank: int, world: int, port: int, args, timeout_s: float = 60) ->
                             stderr=subprocess.PIPE, text=True,
                             env=env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                                     MASTER_PORT=str(port), SAELIB_DIST_TIMEOUT=str(timeout_s)))
+
+
+def test_a_damaged_shard_in_one_ranks_share_stops_every_rank(store, tmp_path):
+    """Each rank checks the sha256 of its share of the shards; what rank 1 finds, rank 0 says too."""
+    damaged = tmp_path / "store"
+    shutil.copytree(store.folder, damaged)
+    last = sorted(damaged.glob("shard_*.npy"))[-1]  # in rank 1's share
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the checksum can tell
+    last.write_bytes(bytes(data))
+    port, started = free_port(), time.time()
+    ranks = [start_rank(r, 2, port, [damaged, tmp_path / "out", *BASE, *ARCHITECTURES["topk"]]) for r in (0, 1)]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert time.time() - started < 50  # neither waited out the 60 s collective timeout
+    for rank, (_, stderr) in zip(ranks, outputs):
+        assert rank.returncode == 2, stderr
+        assert [line for line in one_line_errors(stderr) if f"{last.name} fails its sha256" in line], stderr
+    assert not (tmp_path / "out" / "sae_weights.safetensors").exists()
 
 
 def test_ranks_started_with_different_settings_fail_on_every_rank(store, tmp_path):

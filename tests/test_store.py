@@ -79,6 +79,23 @@ def test_shuffled_batches_cover_every_row_once_with_bounded_buffer(tmp_path, act
     assert torch.equal(ordered, acts_ND)
 
 
+def test_batch_rows_name_the_rows_each_batch_holds_and_gather_reads_them(tmp_path, acts_ND):
+    """``iter_batch_rows`` gives the stream's row numbers without reading activations;
+    ``gather`` reads any rows, in any order, across shards, as indexing the whole store does."""
+    store = write_store(tmp_path / "s", acts_ND, n_contexts=10)  # several shards
+    assert len(store.manifest.shards) > 1
+    kwargs = dict(batch_size=4, seed=1, buffer_rows=8, chunk_rows=3, drop_last=False)
+    rows = list(store.iter_batch_rows(**kwargs))
+    assert sorted(np.concatenate(rows).tolist()) == list(range(40))
+    for numbers, batch in zip(rows, store.iter_batches(**kwargs), strict=True):
+        assert torch.equal(batch, acts_ND[numbers])
+    scattered = np.array([39, 0, 17, 17, 5, 38])  # across shards, unsorted, a repeat
+    assert torch.equal(store.gather(scattered), acts_ND[scattered])
+    assert store.gather(np.array([], dtype=np.int64)).shape == (0, D_IN)
+    with pytest.raises(IndexError, match="outside store"):
+        store.gather(np.array([3, 40]))
+
+
 def test_killed_writer_leaves_only_whole_listed_shards_and_resumes(tmp_path, acts_ND):
     folder = tmp_path / "s"
     contexts = np.zeros((10, CONTEXT_LEN), dtype=np.int32)
