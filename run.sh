@@ -59,7 +59,8 @@ case "$cmd" in
     export SAELIB_HEADLESS=1
     # Generous per-cell limit: a notebook cell that takes 30 s alone can take minutes on a
     # machine shared with other jobs (small-op torch code slows down sharply there).
-    "$PY" -m pytest tests --nbmake --nbmake-timeout=1800 notebooks "$@"
+    # --durations: the log then says what each smoke notebook and the slowest tests take.
+    "$PY" -m pytest tests --nbmake --nbmake-timeout=1800 --durations=25 notebooks "$@"
     # The real-model path, offline: the model notebooks again on a random-weight GPT-2
     # checkpoint folder (written by transformers, loaded as a download is), selected by the
     # one switch every notebook reads. Its artifacts live apart from the embedded model's.
