@@ -95,10 +95,24 @@ class TrainOutput(NamedTuple):
 def top_dead(pre_BF: torch.Tensor, dead_F: torch.Tensor | None, aux_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(values, latents) [B, min(aux_k, dead)] of each row's largest pre-activations among the
     latents ``dead_F`` marks; None when there are none to pick (no AuxK this step)."""
+    pick = dead_picker(dead_F, aux_k)
+    return None if pick is None else pick(pre_BF)
+
+
+def dead_picker(dead_F: torch.Tensor | None, aux_k: int):
+    """A function ``pre_BF -> top_dead(pre_BF, dead_F, aux_k)`` for many blocks of rows with one
+    set of dead latents; None when there are none to pick. It ranks a copy of the dead
+    latents' columns only ([B, n_dead]), not a masked copy of every column: at 512 x 4096
+    with 1-45% dead that is 2-10x faster, as fast as the main top-k or faster."""
     n_dead = 0 if dead_F is None else int(dead_F.sum())
     if n_dead == 0 or aux_k == 0:
         return None
-    return pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(aux_k, n_dead), dim=-1)
+    n, dead_latents = min(aux_k, n_dead), dead_F.nonzero().squeeze(1)
+
+    def pick(pre_BF):
+        values_BK, where_BK = pre_BF.index_select(1, dead_latents).topk(n, dim=-1)
+        return values_BK, dead_latents[where_BK]
+    return pick
 
 
 class SparseAutoencoder(nn.Module):
@@ -275,8 +289,8 @@ class TopKSAE(SparseAutoencoder):
         ((values_BK, indices_BK), dead_BK or None). With a ``select_dtype`` below fp32 the
         matmul runs in it to choose the entries, and their values are then computed in fp32."""
         B, F = x_BD.shape[0], self.cfg.d_sae
-        n_dead = 0 if dead_F is None else int(dead_F.sum())
-        n_aux = min(aux_k, n_dead)
+        pick_dead = dead_picker(dead_F, aux_k)
+        n_aux = 0 if pick_dead is None else min(aux_k, int(dead_F.sum()))
         dtype = self.select_dtype
         centred_BD = x_BD - self.b_dec
         values_BK = torch.empty(B, self.cfg.k, dtype=dtype, device=x_BD.device)
@@ -291,8 +305,7 @@ class TopKSAE(SparseAutoencoder):
             pre = torch.addmm(b_enc_F, inputs_BD[rows], W_enc_DF, out=block[: rows.stop - start])
             torch.topk(pre, self.cfg.k, dim=-1, out=(values_BK[rows], indices_BK[rows]))
             if n_aux:
-                torch.topk(pre.masked_fill_(~dead_F, float("-inf")), n_aux, dim=-1,
-                           out=(dead_values_BK[rows], dead_indices_BK[rows]))
+                dead_values_BK[rows], dead_indices_BK[rows] = pick_dead(pre)
         if dtype != torch.float32:
             values_BK = self._fp32_pre_acts(centred_BD, indices_BK)
             if n_aux:

@@ -293,6 +293,19 @@ def test_relu_sparse_path_matches_the_dense_pass(monkeypatch):
         torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("dead_share", [0.05, 0.3, 1.0])
+def test_top_dead_ranks_only_dead_latents_as_a_masked_top_k_does(dead_share):
+    generator = torch.Generator().manual_seed(3)
+    pre = torch.randn(40, 200, generator=generator)
+    dead = torch.rand(200, generator=generator) < dead_share
+    for aux_k in (4, int(dead.sum()), 500):  # fewer than, as many as, more than the dead
+        n = min(aux_k, int(dead.sum()))
+        expected_values, expected_latents = pre.masked_fill(~dead, float("-inf")).topk(n, dim=-1)
+        values, latents = top_dead(pre, dead, aux_k)
+        assert torch.equal(values, expected_values) and torch.equal(latents, expected_latents)
+    assert top_dead(pre, torch.zeros(200, dtype=torch.bool), 4) is None and top_dead(pre, dead, 0) is None
+
+
 def test_topk_selection_by_blocks_equals_the_whole_batch_selection():
     sae = topk_sae_with_biases(96, 6, seed=5)
     sae.block_rows = 16  # 50 rows: three full blocks and a short one
