@@ -28,7 +28,7 @@ def time_stream(folder: str, group: Group, cfg: TrainConfig, batches: int) -> tu
     store = ActivationStore(folder)
     store.verify()  # checksums are not reading for training: keep them out of the clock
     started, rows = time.perf_counter(), 0
-    for batch in itertools.islice(_batches(store, cfg, group), batches):
+    for (batch,) in itertools.islice(_batches([store], cfg, group), batches):
         rows += len(batch.local_BD)
     return time.perf_counter() - started, rows
 

@@ -31,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -253,18 +253,61 @@ class _Batch(NamedTuple):
     """The whole global batch [batch_size, d_in]; read only for a fresh run's set-up from its first batch."""
 
 
-def _batches(source, cfg: TrainConfig, group: Group) -> Iterator[_Batch]:
-    """The batch stream of ``cfg`` over ``source``. From a store every rank works out the same
-    global batches (row numbers only) and reads just its own rows of each, so N ranks read
-    the store once between them, not N times."""
-    if isinstance(source, ActivationStore):
-        epochs = math.ceil(cfg.total_tokens / max(1, len(source))) + 1
-        for rows in source.iter_batch_rows(cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs,
-                                           skip_special=cfg.skip_special_tokens):
-            yield _Batch(source.gather(group.local_rows(rows)), lambda rows=rows: source.gather(rows))
+def _batches(sources: list, cfg: TrainConfig, group: Group) -> Iterator[tuple[_Batch, ...]]:
+    """The batch stream of ``cfg``: per step, one ``_Batch`` for each of ``sources`` (stores
+    laid out alike, see ``_require_one_stream``, or a single source of any kind). From
+    stores every rank works out the same global batches (row numbers only, from the first
+    store) and reads just its own rows of each, from every store: N ranks read the stores
+    once between them, not N times, and SAEs at several hooks share one shuffle."""
+    if isinstance(sources[0], ActivationStore):
+        epochs = math.ceil(cfg.total_tokens / max(1, len(sources[0]))) + 1
+        for rows in sources[0].iter_batch_rows(cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs,
+                                               skip_special=cfg.skip_special_tokens):
+            mine = group.local_rows(rows)
+            yield tuple(_Batch(store.gather(mine), lambda store=store, rows=rows: store.gather(rows)) for store in sources)
         return
+    (source,) = sources
     for raw_BD in (source() if callable(source) else source):
-        yield _Batch(group.local_rows(raw_BD), lambda raw_BD=raw_BD: raw_BD)
+        yield (_Batch(group.local_rows(raw_BD), lambda raw_BD=raw_BD: raw_BD),)
+
+
+def _stream_layout(store: ActivationStore) -> dict:
+    """What decides a store's batch stream besides the training settings: row count and shard
+    sizes (the shuffle's chunks), token windows and special tokens (rows left out)."""
+    m = store.manifest
+    return {"shard_rows": [info.rows for info in m.shards], "contexts_sha256": m.contexts_sha256,
+            "first_position": m.first_position, "special_token_ids": sorted(m.special_token_ids)}
+
+
+def _require_one_stream(sources: list) -> None:
+    """Several sources are read as one stream only when they are stores of one harvest, laid
+    out alike (e.g. the residual stream and MLP output of each layer): row r is then the
+    same token in each, and each store's batches are those it gives alone."""
+    if len(sources) == 1:
+        return
+    if not all(isinstance(s, ActivationStore) for s in sources):
+        raise ValueError("SAEs at several hooks train together only from activation stores ({hook: store})")
+    reference = _stream_layout(sources[0])
+    for other in sources[1:]:
+        layout = _stream_layout(other)
+        fields = [f for f in reference if layout[f] != reference[f]]
+        if fields:
+            shown = "shard sizes" if fields == ["shard_rows"] else ", ".join(fields)
+            raise ValueError(f"stores {sources[0].folder} and {other.folder} cannot be read as one stream: their "
+                             f"{shown} differ (other token windows, or other widths and so other shard sizes); "
+                             "train them in separate calls")
+
+
+def _source_of(sae: SparseAutoencoder, source):
+    """An SAE's data: ``source`` itself, or from a ``{hook: store}`` mapping the store at the
+    hook the SAE is for (``SAEConfig.hook_name``)."""
+    if not isinstance(source, Mapping):
+        return source
+    hook = sae.cfg.hook_name
+    if hook not in source:
+        raise ValueError(f"no store for hook {hook!r} (SAEConfig.hook_name) among {sorted(source)}: set each "
+                         "SAE's hook_name to one of them")
+    return source[hook]
 
 
 def _verify_store_shares(source, group: Group) -> None:
@@ -668,7 +711,13 @@ def fit_together(trainers: list[SAETrainer], source, max_steps: int | None = Non
     differ in anything but the batch stream (``batch_size``, ``seed``,
     ``skip_special_tokens``); each keeps its own schedule length, checkpoints and log, and
     resumes from its own step. The arguments are those of ``SAETrainer.fit``, per trainer;
-    a ``TrainResult`` per trainer, in order, whose ``tokens_per_s`` counts the shared time."""
+    a ``TrainResult`` per trainer, in order, whose ``tokens_per_s`` counts the shared time.
+
+    ``source`` may also be ``{hook: store}`` for SAEs at several hooks (each SAE's
+    ``hook_name`` picks its store): stores of one harvest laid out alike (same token
+    windows and shard sizes, e.g. residual stream and MLP output at every layer) share
+    one shuffle, each SAE reading its own store's rows of every batch, the batches it
+    would get trained alone."""
     first = trainers[0]
     for other in trainers[1:]:
         differing = [f for f in _STREAM_FIELDS if getattr(other.cfg, f) != getattr(first.cfg, f)]
@@ -676,12 +725,17 @@ def fit_together(trainers: list[SAETrainer], source, max_steps: int | None = Non
             raise ValueError("SAEs trained from one read of the data must share " + ", ".join(
                 f"{f} (here {getattr(first.cfg, f)!r} and {getattr(other.cfg, f)!r})" for f in differing))
     lasts = [t.cfg.steps() if max_steps is None else min(t.cfg.steps(), t.step + max_steps) for t in trainers]
-    for trainer in trainers:
-        trainer._check_source(source)
+    own = [_source_of(t.sae, source) for t in trainers]
+    for trainer, data in zip(trainers, own):
+        trainer._check_source(data)
+    sources = list({id(data): data for data in own}.values())
+    _require_one_stream(sources)
+    slots = [next(i for i, data in enumerate(sources) if data is mine) for mine in own]
     start = min(t.step for t in trainers)
     longest = max(trainers, key=lambda t: t.cfg.total_tokens).cfg  # every run's batches are a prefix of its stream
-    _verify_store_shares(source, first.group)
-    batches = itertools.islice(_batches(source, longest, first.group), start, None)
+    for data in sources:
+        _verify_store_shares(data, first.group)
+    batches = itertools.islice(_batches(sources, longest, first.group), start, None)
     main, single = first.group.is_main, len(trainers) == 1
     logs = [MetricsLog(t.out_dir if main else None) for t in trainers]
     first_steps, started = [t.step for t in trainers], time.perf_counter()
@@ -694,10 +748,11 @@ def fit_together(trainers: list[SAETrainer], source, max_steps: int | None = Non
     try:
         index, step_started = start, time.perf_counter()
         while any(t.step < last for t, last in zip(trainers, lasts)) and (batch := next(batches, None)) is not None:
-            _check_finite(batch, source, index, first.group)
-            for trainer, log, last in zip(trainers, logs, lasts):
+            for part, data in zip(batch, sources):
+                _check_finite(part, data, index, first.group)
+            for trainer, log, last, slot in zip(trainers, logs, lasts, slots):
                 if trainer.step == index and trainer.step < last:  # one resumed further waits for the stream
-                    record = trainer.train_step(trainer._prepared(batch, source, log, extra_metrics))
+                    record = trainer.train_step(trainer._prepared(batch[slot], sources[slot], log, extra_metrics))
                     trainer._log_step(record, log, bar if single else None, extra_metrics)
                     trainer._checkpoint_if_due()
             index += 1
@@ -716,18 +771,21 @@ def fit_together(trainers: list[SAETrainer], source, max_steps: int | None = Non
         for log in logs:
             log.close()
     seconds = time.perf_counter() - started
-    return [t._finish(log, first_step, seconds, source) for t, log, first_step in zip(trainers, logs, first_steps)]
+    return [t._finish(log, first_step, seconds, data) for t, log, first_step, data in zip(trainers, logs, first_steps, own)]
 
 
 def train_many(runs: dict[str, tuple[SparseAutoencoder | SAEConfig, TrainConfig]], source,
                device: str | torch.device = "cpu", max_steps: int | None = None,
                max_minutes: float | None = None) -> dict[str, TrainResult]:
-    """Train several SAEs (e.g. several widths or k at one hook) from one read of ``source``
-    (``fit_together``): ``{name: (SAE or SAEConfig, TrainConfig)}`` -> ``{name: TrainResult}``.
+    """Train several SAEs (several widths or k at one hook, or with ``source`` = ``{hook:
+    store}`` at several hooks) from one read of the data (``fit_together``):
+    ``{name: (SAE or SAEConfig, TrainConfig)}`` -> ``{name: TrainResult}``.
     Give each run its own ``out_dir`` to checkpoint and resume them."""
-    data = data_fingerprint(source)
-    trainers = [SAETrainer(make_sae(sae) if isinstance(sae, SAEConfig) else sae, cfg, device, data=data)
-                for sae, cfg in runs.values()]
+    trainers = []
+    for sae, cfg in runs.values():
+        sae = make_sae(sae) if isinstance(sae, SAEConfig) else sae
+        data = _source_of(sae, source)
+        trainers.append(SAETrainer(sae, cfg, device, data=data_fingerprint(data)))
     results = fit_together(trainers, source, max_steps=max_steps, max_minutes=max_minutes)
     return dict(zip(runs, results))
 
@@ -739,7 +797,7 @@ def train_sae(sae: SparseAutoencoder | SAEConfig, source, cfg: TrainConfig, devi
     the keyword arguments are those of ``SAETrainer.fit``."""
     if isinstance(sae, SAEConfig):
         sae = make_sae(sae)
-    return SAETrainer(sae, cfg, device, data=data_fingerprint(source)).fit(source, max_steps=max_steps, max_minutes=max_minutes,
+    return SAETrainer(sae, cfg, device, data=data_fingerprint(_source_of(sae, source))).fit(source, max_steps=max_steps, max_minutes=max_minutes,
                                             extra_metrics=extra_metrics)
 
 

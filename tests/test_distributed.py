@@ -102,8 +102,8 @@ def test_each_rank_reads_only_its_own_rows_of_each_global_batch(store):
         reader.gather = lambda rows: (reads[rank].append(np.asarray(rows).copy()), gather(rows))[1]
         return reader
 
-    alone = list(itertools.islice(_batches(spied(-1), cfg, Group.single()), 40))
-    ranks = [list(itertools.islice(_batches(spied(r), cfg, Group(r, 2)), 40)) for r in (0, 1)]
+    alone = [b for (b,) in itertools.islice(_batches([spied(-1)], cfg, Group.single()), 40)]
+    ranks = [[b for (b,) in itertools.islice(_batches([spied(r)], cfg, Group(r, 2)), 40)] for r in (0, 1)]
     for step in range(40):
         assert torch.equal(torch.cat([ranks[0][step].local_BD, ranks[1][step].local_BD]), alone[step].local_BD)
         first, second, whole = reads[0][step], reads[1][step], reads[-1][step]

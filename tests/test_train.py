@@ -230,9 +230,9 @@ def test_training_leaves_out_special_token_rows_by_default(tmp_path):
     rows = TOY.sample(4000, torch.Generator().manual_seed(0))[0].numpy()
     store = small_store(tmp_path / "s", rows, token=3)
     store.manifest.special_token_ids = [3]  # every row sits at token 3
-    assert sum(len(b.local_BD) for b in itertools.islice(_batches(store, quick_cfg(batch_size=500, total_tokens=4000), Group.single()), 20)) == 0
+    assert sum(len(b.local_BD) for (b,) in itertools.islice(_batches([store], quick_cfg(batch_size=500, total_tokens=4000), Group.single()), 20)) == 0
     store.manifest.special_token_ids = []
-    assert sum(len(b.local_BD) for b in itertools.islice(_batches(store, quick_cfg(batch_size=500, total_tokens=4000), Group.single()), 8)) == 4000
+    assert sum(len(b.local_BD) for (b,) in itertools.islice(_batches([store], quick_cfg(batch_size=500, total_tokens=4000), Group.single()), 8)) == 4000
     assert TrainConfig().skip_special_tokens
 
 

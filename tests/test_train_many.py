@@ -132,3 +132,51 @@ def test_the_command_line_sweep_trains_each_point_as_its_own_command_would(tmp_p
     assert bad.returncode == 2 and "--sweep 'kk=2': write FIELD=V1,V2" in bad.stderr
     wrong = subprocess.run([*common, str(tmp_path / "bad"), *options, "--sweep", "k=2,abc"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "--sweep 'k=2,abc': k takes int values" in wrong.stderr
+
+
+def harvest_pair(folder, shard_rows=(50, 50)):
+    """Two stores of one 'harvest' (same token windows, a special token in them): a residual
+    stream and an MLP output carrying different planted directions, row r the same token in each."""
+    from saelib.store import StoreManifest
+    from saelib.store_writer import StoreWriter
+
+    generator = torch.Generator().manual_seed(1)
+    n_contexts, context_len = 40, 33  # 32 rows per context after BOS: 1280 rows
+    contexts = torch.randint(1, 50, (n_contexts, context_len), generator=generator).numpy().astype("int32")
+    contexts[:, 5] = 0  # one special token per window: its rows are left out of training
+    stores = {}
+    for hook, rows in zip(("blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"), shard_rows):
+        atoms = torch.randn(32, D, generator=generator)
+        codes = (torch.rand(n_contexts * 32, 32, generator=generator) < 0.1) * torch.rand(n_contexts * 32, 32, generator=generator)
+        manifest = StoreManifest(model="toy", model_fingerprint="f" * 16, hook=hook, d_in=D, dtype="float32",
+                                 shard_rows=rows, context_len=context_len, n_contexts=n_contexts, first_position=1,
+                                 contexts_sha256="", special_token_ids=[0])
+        writer = StoreWriter(folder / hook, manifest, contexts)
+        writer.append(codes @ atoms)
+        stores[hook] = writer.close()
+    return stores
+
+
+def test_saes_at_several_hooks_share_one_shuffle_and_each_is_its_stand_alone_run(tmp_path):
+    stores = harvest_pair(tmp_path)
+    runs = {hook: (SAEConfig(d_in=D, d_sae=48, architecture="topk", k=3, hook_name=hook), cfg(total_tokens=64 * 15))
+            for hook in stores}
+    together = train_many(runs, stores)
+    for hook, (sae_cfg, train_cfg) in runs.items():
+        alone = train_sae(sae_cfg, stores[hook], train_cfg)
+        assert together[hook].step == alone.step == 15
+        for key, value in weights(alone.sae).items():
+            assert torch.equal(value, weights(together[hook].sae)[key]), (hook, key)
+        assert together[hook].sae.cfg.metadata["data"] == stores[hook].fingerprint()
+    first, second = (together[hook].sae.W_dec for hook in stores)
+    assert not torch.allclose(first, second)  # each trained on its own store's rows
+
+
+def test_stores_laid_out_differently_or_a_missing_hook_are_refused(tmp_path):
+    stores = harvest_pair(tmp_path, shard_rows=(50, 64))
+    runs = {hook: (SAEConfig(d_in=D, d_sae=48, architecture="topk", k=3, hook_name=hook), cfg()) for hook in stores}
+    with pytest.raises(ValueError, match="cannot be read as one stream: their shard sizes differ"):
+        train_many(runs, stores)
+    elsewhere = {"x": (SAEConfig(d_in=D, d_sae=48, architecture="topk", k=3, hook_name="blocks.1.hook_resid_post"), cfg())}
+    with pytest.raises(ValueError, match="no store for hook 'blocks.1.hook_resid_post'"):
+        train_many(elsewhere, stores)
