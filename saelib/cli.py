@@ -256,21 +256,28 @@ def _train_command(args, device: str, group) -> int:
     from .store import ActivationStore
     from .train import TrainConfig, train_many
 
-    store = ActivationStore(args.store)
+    stores = {}
+    for folder in args.store:
+        store = ActivationStore(folder)
+        if store.hook in stores:
+            raise ValueError(f"stores {stores[store.hook].folder} and {folder} both hold {store.hook}: give one store per hook")
+        stores[store.hook] = store
     out = Path(args.out)
-    sae_cfg = config_from_args(SAEConfig, args, d_in=store.d_in, model_name=store.manifest.model, hook_name=store.hook)
     train_cfg = config_from_args(TrainConfig, args, out_dir=str(out / "checkpoint"))
     runs = {}
-    for point in _sweep_points(args.sweep or [], SAEConfig, TrainConfig):
-        folder = out / "_".join(f"{k}={v}" for k, v in point.items()) if point else out
-        run_sae = dataclasses.replace(sae_cfg, **{k: v for k, v in point.items() if hasattr(sae_cfg, k)})
-        run_train = dataclasses.replace(train_cfg, out_dir=str(folder / "checkpoint"),
-                                        **{k: v for k, v in point.items() if not hasattr(sae_cfg, k)})
-        if run_sae.architecture == "relu" and run_train.l1_coefficient <= 0:
-            raise ValueError("a relu SAE needs an L1 penalty: pass --l1-coefficient, e.g. 0.1 (notebook 03's value)")
-        runs[folder] = (run_sae, run_train)
-    # one read of the store for every SAE of a sweep
-    results = train_many(runs, store, device=device, max_minutes=args.max_minutes)
+    for hook, store in stores.items():
+        sae_cfg = config_from_args(SAEConfig, args, d_in=store.d_in, model_name=store.manifest.model, hook_name=hook)
+        base = out / hook if len(stores) > 1 else out
+        for point in _sweep_points(args.sweep or [], SAEConfig, TrainConfig):
+            folder = base / "_".join(f"{k}={v}" for k, v in point.items()) if point else base
+            run_sae = dataclasses.replace(sae_cfg, **{k: v for k, v in point.items() if hasattr(sae_cfg, k)})
+            run_train = dataclasses.replace(train_cfg, out_dir=str(folder / "checkpoint"),
+                                            **{k: v for k, v in point.items() if not hasattr(sae_cfg, k)})
+            if run_sae.architecture == "relu" and run_train.l1_coefficient <= 0:
+                raise ValueError("a relu SAE needs an L1 penalty: pass --l1-coefficient, e.g. 0.1 (notebook 03's value)")
+            runs[folder] = (run_sae, run_train)
+    # one read of the data for every SAE of a sweep, and of every hook
+    results = train_many(runs, stores, device=device, max_minutes=args.max_minutes)
     if not group.is_main:  # rank 0 writes the SAEs and reports; the others hold the same weights
         return 0
     for folder, result in results.items():
@@ -430,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     hv.set_defaults(func=_cmd_harvest)
 
     tr = sub.add_parser("train", help="train an SAE on an activation store (re-run to resume)")
-    tr.add_argument("store", help="activation store folder (one hook), e.g. from `harvest`")
+    tr.add_argument("store", nargs="+", help="activation store folder (one hook), e.g. from `harvest`; several stores of "
+                    "one harvest (e.g. every layer's residual stream) train one SAE each from one shared read, into OUT/<hook>")
     tr.add_argument("out", help="folder for the trained SAE (cfg.json + sae_weights.safetensors); checkpoints in OUT/checkpoint")
     add_config_args(tr, SAEConfig, skip=("d_in", "model_name", "hook_name", "metadata"),
                     choices={"architecture": [n for n, cls in ARCHITECTURES.items() if cls.trains]})

@@ -180,3 +180,24 @@ def test_stores_laid_out_differently_or_a_missing_hook_are_refused(tmp_path):
     elsewhere = {"x": (SAEConfig(d_in=D, d_sae=48, architecture="topk", k=3, hook_name="blocks.1.hook_resid_post"), cfg())}
     with pytest.raises(ValueError, match="no store for hook 'blocks.1.hook_resid_post'"):
         train_many(elsewhere, stores)
+
+
+def test_the_cli_trains_one_sae_per_store_from_one_read_into_out_per_hook(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    stores = harvest_pair(tmp_path / "stores")
+    options = ["--d-sae", "48", "--k", "3", "--batch-size", "64", "--tokens", str(64 * 12), "--no-progress"]
+    run = lambda *args: subprocess.run([sys.executable, "-m", "saelib", "train", *map(str, args), *options],  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    together = run(*(store.folder for store in stores.values()), tmp_path / "together")
+    assert together.returncode == 0, together.stderr
+    for hook, store in stores.items():
+        alone = run(store.folder, tmp_path / hook)
+        assert alone.returncode == 0, alone.stderr
+        mine, theirs = load_file(tmp_path / "together" / hook / "sae_weights.safetensors"), load_file(tmp_path / hook / "sae_weights.safetensors")
+        assert all(torch.equal(mine[name], theirs[name]) for name in theirs), hook
+    twice = run(stores["blocks.0.hook_mlp_out"].folder, stores["blocks.0.hook_mlp_out"].folder, tmp_path / "twice")
+    assert twice.returncode == 2 and twice.stderr.startswith("error:") and "give one store per hook" in twice.stderr
