@@ -329,11 +329,12 @@ def _verify_store_shares(source, group: Group) -> None:
     source.trust_verified(range(n))
 
 
-def _check_finite(batch: _Batch, source, index: int, group: Group) -> None:
-    """Refuse a batch holding NaN or inf on any rank, on every rank (one flag is reduced)."""
+def _check_finite(batch: _Batch, source, index: int, group: Group, device: torch.device) -> None:
+    """Refuse a batch holding NaN or inf on any rank, on every rank (one flag is reduced, on
+    ``device``: NCCL reduces only GPU tensors)."""
     bad = not bool(torch.isfinite(batch.local_BD).all())
     if group.world > 1:
-        bad = bool(group.max_(torch.tensor([int(bad)])).item())
+        bad = bool(group.max_(torch.tensor([int(bad)], device=device)).item())
     if not bad:
         return
     if isinstance(source, ActivationStore):
@@ -749,7 +750,7 @@ def fit_together(trainers: list[SAETrainer], source, max_steps: int | None = Non
         index, step_started = start, time.perf_counter()
         while any(t.step < last for t, last in zip(trainers, lasts)) and (batch := next(batches, None)) is not None:
             for part, data in zip(batch, sources):
-                _check_finite(part, data, index, first.group)
+                _check_finite(part, data, index, first.group, first.device)
             for trainer, log, last, slot in zip(trainers, logs, lasts, slots):
                 if trainer.step == index and trainer.step < last:  # one resumed further waits for the stream
                     record = trainer.train_step(trainer._prepared(batch[slot], sources[slot], log, extra_metrics))
