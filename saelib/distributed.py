@@ -3,8 +3,9 @@
 Under ``torchrun --nproc-per-node N python -m saelib train ...`` (or any program that has
 called ``torch.distributed.init_process_group``) every rank works out the same global
 batch of ``batch_size`` store rows (from row numbers alone), reads only its own contiguous
-slice of ``batch_size / N`` of them and trains on it. Every normaliser of the loss (the inputs' variance, their mean
-norm, the AuxK error's variance) is computed over the *global* batch, each rank's loss is
+slice of ``batch_size / N`` of them and trains on it. Every normaliser of the loss (the
+inputs' variance, their mean norm, the AuxK error's variance) is computed over the
+*global* batch, each rank's loss is
 its share of the global loss, and gradients are summed across ranks: a step is the step
 one process would take on the whole batch, up to float summation order. Dead-latent
 counters, BatchTopK's batch-wide cut-off and the logged metrics are reduced likewise.

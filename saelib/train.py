@@ -612,9 +612,9 @@ class SAETrainer:
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self, source, max_steps: int | None = None, max_minutes: float | None = None,
             extra_metrics: Callable[["SAETrainer"], dict] | None = None) -> TrainResult:
-        """Train on ``source`` (ActivationStore, iterable of [B, d_in] tensors, or a callable
-        returning one; the iterable must give the same batches on every call for an exact
-        resume) until the schedule ends, ``max_steps`` more steps or ``max_minutes``.
+        """Train on ``source`` (ActivationStore, ``{hook: store}`` picked by the SAE's
+        ``hook_name``, iterable of [B, d_in] tensors, or a callable returning one; the
+        iterable must give the same batches on every call for an exact resume) until the schedule ends, ``max_steps`` more steps or ``max_minutes``.
 
         ``extra_metrics(trainer)`` adds its dict to every logged row, and to a first row at
         step 0 right after initialisation (e.g. MMCS to known features over training)."""
