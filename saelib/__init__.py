@@ -14,13 +14,17 @@ import sys as _sys
 
 # In a Jupyter kernel, OpenMP's idle threads spin while waiting for work; on a machine where
 # another process holds a core, that made notebook 01 take 334 s instead of 111 s (the same
-# loop in a plain script keeps its speed). Sleeping idle threads cost about 10% on a quiet
-# machine for loops of tiny ops and nothing measurable for real SAE shapes; see
-# saelib.threads and benchmarks/README.md. It must be set before torch loads OpenMP, so only
-# when saelib is imported first (as every notebook's first cell does), and never over a
-# value the user chose.
-if "ipykernel" in _sys.modules and "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# loop in a plain script keeps its speed). Sleeping at once (PASSIVE) fixed that but cost
+# 10-20% on a quiet machine in loops of tiny ops, as the threads must be woken for every op.
+# A short spin before sleeping (GOMP_SPINCOUNT, about 0.2 ms; libgomp's default is about
+# 3 ms) keeps most of both: see benchmarks/README.md. The spin count wins over the policy in
+# libgomp; the policy is for other OpenMP runtimes. Both must be set before torch loads
+# OpenMP, so only when saelib is imported first (as every notebook's first cell does), and
+# never when the user chose either.
+_KERNEL_OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "20000"}
+if ("ipykernel" in _sys.modules and "torch" not in _sys.modules
+        and not any(name in _os.environ for name in _KERNEL_OPENMP_ENV)):
+    _os.environ.update(_KERNEL_OPENMP_ENV)
 
 from . import nb  # noqa: E402
 from .profile import PROFILES, Profile, profile  # noqa: E402

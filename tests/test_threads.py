@@ -106,21 +106,21 @@ def test_restore_puts_back_the_starting_count(two_threads):
 
 
 @pytest.mark.parametrize("first, preset, expected", [
-    ("import ipykernel, saelib", None, "PASSIVE"),        # a notebook kernel, saelib before torch
-    ("import saelib", None, None),                        # a script: OpenMP's default
-    ("import ipykernel, torch, saelib", None, None),      # too late: torch already loaded OpenMP
-    ("import ipykernel, saelib", "ACTIVE", "ACTIVE"),     # the user's choice stands
+    ("import ipykernel, saelib", {}, "PASSIVE 20000"),                      # a notebook kernel, saelib before torch
+    ("import saelib", {}, "None None"),                                     # a script: OpenMP's defaults
+    ("import ipykernel, torch, saelib", {}, "None None"),                   # too late: torch already loaded OpenMP
+    ("import ipykernel, saelib", {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE None"),  # the user's choice stands
+    ("import ipykernel, saelib", {"GOMP_SPINCOUNT": "0"}, "None 0"),        # ... whichever of the two they set
 ])
-def test_notebook_kernels_get_sleeping_openmp_threads(first, preset, expected):
-    """The wait policy saelib sets for Jupyter kernels (saelib/__init__.py), in real processes."""
+def test_notebook_kernels_get_a_short_openmp_spin(first, preset, expected):
+    """The OpenMP wait settings saelib gives Jupyter kernels (saelib/__init__.py), in real processes."""
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if preset:
-        env["OMP_WAIT_POLICY"] = preset
-    code = f"{first}; import os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(preset)
+    code = f"{first}; import os; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip().splitlines()[-1] == str(expected)
+    assert run.stdout.strip().splitlines()[-1] == expected
