@@ -311,16 +311,9 @@ class ActivationStore:
         return np.load(self._shard_path(index), mmap_mode="r")
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` in store order as float32: [stop - start, d_in]."""
-        pieces, offset = [], 0
-        for index, info in enumerate(self.manifest.shards):
-            lo, hi = max(start, offset), min(stop, offset + info.rows)
-            if lo < hi:
-                pieces.append(np.asarray(self.shard(index)[lo - offset : hi - offset], dtype=np.float32))
-            offset += info.rows
-        if not pieces:
-            return torch.empty(0, self.d_in)
-        return torch.from_numpy(np.concatenate(pieces))
+        """Rows ``start:stop`` in store order as float32, the range clipped to the store:
+        [rows in range, d_in]."""
+        return self.gather(np.arange(max(start, 0), min(stop, self.n_rows)))
 
     def gather(self, rows: np.ndarray) -> torch.Tensor:
         """Rows at store indices ``rows`` (any order, repeats allowed) as float32:

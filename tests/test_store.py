@@ -46,6 +46,8 @@ def test_round_trip_in_order_with_fixed_size_shards_and_stats(tmp_path, acts_ND)
     assert [s.rows for s in store.manifest.shards] == [7, 7, 7, 7, 7, 5]
     assert torch.equal(store.rows(0, 40), acts_ND)
     assert torch.equal(store.rows(5, 16), acts_ND[5:16])  # spans three shards
+    assert torch.equal(store.rows(33, 60), acts_ND[33:])  # a range past the end is clipped, as a slice is
+    assert store.rows(45, 50).shape == (0, D_IN)
     assert torch.allclose(store.mean, acts_ND.mean(0), atol=1e-5)
     assert store.manifest.mean_norm == pytest.approx(acts_ND.norm(dim=1).mean().item(), rel=1e-5)
     scaled = acts_ND * store.norm_scale
