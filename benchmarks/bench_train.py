@@ -3,8 +3,15 @@
     python benchmarks/bench_train.py [--steps 12] [--threads 2] [--shapes 256,4096,32 512,16384,64]
     PYTHONPATH=/path/to/sae_lens/site python benchmarks/bench_train.py   # adds SAELens rows
     python benchmarks/bench_train.py --under-load --steps 60   # quiet, then beside a busy process
-    python benchmarks/bench_train.py --bf16                     # adds TopK with a bf16 selection matmul
+    python benchmarks/bench_train.py --bf16                     # adds TopK with fp32 and bf16 selection matmuls
     python benchmarks/bench_train.py --ddp 2 --steps 30         # 2 torchrun (gloo) ranks vs 1 process
+    python benchmarks/bench_train.py --profile --steps 10       # where a saelib TopK step's time goes
+
+``--profile`` trains saelib's TopK at each shape for a few warm-up steps, then runs
+``--steps`` more steps under ``torch.profiler`` and prints each op's self time per step,
+grouped into the parts of a step (encoder matmul, top-k, sparse products, ...), beside
+the plain matmul of the encoder's shape timed in the same run. AuxK's pick runs only on
+steps with dead latents: set ``--dead-fraction`` to mark that share dead throughout.
 
 ``--ddp N`` trains saelib's TopK at each shape three ways on the same global batches: one
 process on ``--threads`` threads, one process on ``--threads / N`` threads, and ``N``
@@ -26,11 +33,15 @@ batches (batch 4096), in this one process, so the ratios are fair under backgrou
 - ``sae_lens topk``: SAELens's ``SAETrainer`` with a ``TopKTrainingSAE`` at its defaults,
   when ``sae_lens`` can be imported
 - ``saelib relu``: ``saelib.train`` with an L1 penalty (dense, as ReLU latents are)
+- with ``--bf16``: ``saelib fp32`` and ``saelib bf16``, saelib's TopK with the selection
+  matmul forced to each precision (``saelib topk`` is ``encoder_dtype="auto"``, whose pick
+  is printed per shape)
 
 Data: a fixed pool of toy vectors (``saelib.toy``, 4 x d_in ground-truth features) cycled
 in the same order for every trainer, so FVU after the same tokens is comparable. Each
 row prints tokens/s, FVU on held-out vectors after training, the ratio to SAELens (else
-to dense), and achieved FLOP/s against a plain fp32 matmul measured in this run. FLOPs
+to dense), and achieved FLOP/s against the fastest plain matmul measured in this run
+("of matmul": bf16's where ``--bf16`` measured a faster one) and against fp32's. FLOPs
 are counted as the work each method must do: a dense step is 6 * B * d_in * d_sae
 (encoder forward, decoder forward, two weight gradients... counted once each as 2*B*D*F,
 the input gradient not needed); a sparse TopK step is the dense encoder forward 2*B*D*F
@@ -150,18 +161,20 @@ def competing_process(core: int = 0):
 def measure(args, have_saelens: bool) -> dict:
     """{(shape, trainer): (tokens/s, FVU, GFLOP/s, share of matmul)}, printing the table."""
     out = {}
-    header = f"{'shape':>16s} {'trainer':>14s} {'tok/s':>8s} {'FVU':>6s} {'vs ref':>7s} {'GFLOP/s':>8s} {'of matmul':>9s}"
+    header = (f"{'shape':>16s} {'trainer':>14s} {'tok/s':>8s} {'FVU':>6s} {'vs ref':>7s} {'GFLOP/s':>8s} {'of matmul':>9s}"
+              f" {'of fp32 mm':>10s}")
     for shape in args.shapes:
         d_in, d_sae, k = (int(v) for v in shape.split(","))
         pool, held_out = toy_pool(d_in, k, args.steps)
-        peak = matmul_flops(d_in, d_sae)
+        peak = peak_fp32 = matmul_flops(d_in, d_sae)
         print(f"\nd_in {d_in}, d_sae {d_sae}, k {k}: plain fp32 matmul {peak / 1e9:.0f} GFLOP/s")
         speedup = bf16_speedup("cpu", d_in, d_sae)
         auto = resolve_encoder_dtype("auto", "cpu", d_in, d_sae)
         print("bf16 selection matmul: " + (f"{speedup:.2f}x fp32" if speedup else "no bf16 instructions on this CPU (not tried)")
               + f"; encoder_dtype='auto' picks {str(auto).removeprefix('torch.')}")
         if args.bf16:  # the roofline is the fastest matmul the run used
-            peak_bf16 = matmul_flops(d_in, d_sae, repeats=1, dtype=torch.bfloat16)
+            # a few repeats where bf16 has a hardware path; one where it is emulated (seconds each)
+            peak_bf16 = matmul_flops(d_in, d_sae, repeats=5 if speedup else 1, dtype=torch.bfloat16)
             print(f"plain bf16 matmul {peak_bf16 / 1e9:.1f} GFLOP/s")
             peak = max(peak, peak_bf16)
         print(header)
@@ -172,7 +185,8 @@ def measure(args, have_saelens: bool) -> dict:
         }
         if args.under_load:  # the same trainer with the thread count held fixed, as before saelib.threads
             runs["saelib fixed"] = lambda: run_saelib(pool, args.steps, d_in, d_sae, k, "topk", adapt_threads=False)
-        if args.bf16:
+        if args.bf16:  # both precisions forced, beside "saelib topk" (encoder_dtype="auto", printed above)
+            runs["saelib fp32"] = lambda: run_saelib(pool, args.steps, d_in, d_sae, k, "topk", encoder_dtype="float32")
             runs["saelib bf16"] = lambda: run_saelib(pool, args.steps, d_in, d_sae, k, "topk", encoder_dtype="bfloat16")
         if have_saelens:
             runs["sae_lens topk"] = lambda: run_saelens_topk(pool, args.steps, d_in, d_sae, k)
@@ -183,10 +197,10 @@ def measure(args, have_saelens: bool) -> dict:
         sparse_flops = 2 * BATCH * d_in * d_sae + 8 * BATCH * k * d_in
         for name, (seconds, reconstruct) in results.items():
             rate = args.steps * BATCH / seconds
-            flops = (sparse_flops if name in ("saelib topk", "saelib fixed", "saelib bf16") else dense_flops) * args.steps / seconds
+            flops = (sparse_flops if name in ("saelib topk", "saelib fixed", "saelib fp32", "saelib bf16") else dense_flops) * args.steps / seconds
             error = fvu(reconstruct, held_out)
             print(f"{shape:>16s} {name:>14s} {rate:8.0f} {error:6.3f} {rate / ref_rate:6.2f}x "
-                  f"{flops / 1e9:8.1f} {flops / peak:8.0%}")
+                  f"{flops / 1e9:8.1f} {flops / peak:8.0%} {flops / peak_fp32:10.0%}")
             out[shape, name] = (rate, error, flops / 1e9, flops / peak)
     return out
 
@@ -197,6 +211,74 @@ def toy_pool(d_in: int, k: int, steps: int):
     generator = torch.Generator().manual_seed(0)
     pool = [toy.sample(BATCH, generator)[0] for _ in range(min(steps, 8))]
     return pool, toy.sample(BATCH, generator)[0]
+
+
+# The parts of a TopK step, by the ops that make them up as torch.profiler names them. Each
+# op's self time goes to the part of its nearest enclosing op (itself included) named here,
+# so e.g. the bias copy inside ``addmm`` counts as matmul and a sort inside a sparse product
+# as a sort.
+STEP_PARTS = {
+    "dense matmuls (addmm, mm)": ("aten::addmm", "aten::mm"),
+    "top-k selection": ("aten::topk",),
+    "sorts (the code's CSR layout)": ("aten::sort", "aten::argsort"),
+    "sparse products": ("aten::_sparse", "aten::sparse", "aten::embedding_bag", "aten::_embedding_bag",
+                        "aten::index_add"),
+    "Adam": ("Optimizer.step",),
+}
+
+
+def step_part(event) -> str:
+    """The part of a step (a STEP_PARTS key) an op's self time belongs to."""
+    while event is not None:
+        part = next((name for name, prefixes in STEP_PARTS.items() if event.name.startswith(prefixes)), None)
+        if part:
+            return part
+        event = event.cpu_parent
+    return "everything else"
+
+
+def profile_step(args) -> None:
+    """``--profile``: self time per step of each part of a saelib TopK step, per shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from saelib.train import SAETrainer
+
+    for shape in args.shapes:
+        d_in, d_sae, k = (int(v) for v in shape.split(","))
+        pool, _ = toy_pool(d_in, k, args.steps)
+        cfg = TrainConfig(total_tokens=(args.steps + 4) * BATCH, batch_size=BATCH, progress=False,
+                          adapt_threads=False, dead_tokens=2 * BATCH)
+        trainer = SAETrainer(make_sae(SAEConfig(d_in, d_sae, "topk", k=k)), cfg)
+        trainer.fit(lambda: iter(pool), max_steps=3)  # initialisation and warm-up
+        batches = [x * trainer.input_scale for x in pool]
+        dead = int(args.dead_fraction * d_sae)
+
+        def steps():
+            for step in range(args.steps):
+                if dead:  # these latents count as dead, so AuxK picks among them
+                    trainer.tokens_since_fired[:dead] = cfg.resolved_dead_tokens()
+                trainer.train_step(batches[step % len(batches)])
+
+        steps()  # warm
+        started = time.perf_counter()
+        steps()
+        wall_ms = (time.perf_counter() - started) * 1e3 / args.steps
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps()
+        parts = {name: 0.0 for name in STEP_PARTS} | {"everything else": 0.0}
+        for event in prof.events():
+            parts[step_part(event)] += event.self_cpu_time_total / 1e3 / args.steps
+        per_step = {e.key: e.self_cpu_time_total / 1e3 / args.steps for e in prof.key_averages()}
+        total = sum(parts.values())
+        matmul_ms = 2 * BATCH * d_in * d_sae / matmul_flops(d_in, d_sae) * 1e3
+        print(f"\n{shape}: {wall_ms:.1f} ms per step unprofiled ({BATCH * 1e3 / wall_ms:.0f} tok/s), "
+              f"{total:.1f} ms of profiled self time; a plain matmul of the encoder's shape takes {matmul_ms:.1f} ms")
+        print(f"{'part':>32s} {'ms/step':>8s} {'share':>6s}")
+        for name, ms in parts.items():
+            print(f"{name:>32s} {ms:8.1f} {ms / total:6.0%}")
+        print("largest ops (self time):")
+        for key, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[:12]:
+            print(f"{key:>40s} {ms:8.2f} ms")
 
 
 def ddp_worker(shape: str, steps: int) -> None:
@@ -252,11 +334,17 @@ def main() -> None:
                         help="measure quiet, then beside a busy process pinned to core 0, and print the shares")
     parser.add_argument("--ddp", type=int, metavar="N", help="compare N torchrun ranks (gloo) with one process")
     parser.add_argument("--ddp-worker", metavar="SHAPE", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="profile saelib TopK steps: time per part of a step")
+    parser.add_argument("--dead-fraction", type=float, default=0.0,
+                        help="with --profile: share of latents held dead, so AuxK's pick runs every step")
     args = parser.parse_args()
     if args.ddp_worker:
         ddp_worker(args.ddp_worker, args.steps)
         return
     torch.set_num_threads(args.threads)
+    if args.profile:
+        profile_step(args)
+        return
     if args.ddp:
         measure_ddp(args)
         return
