@@ -36,7 +36,10 @@ def test_transformers_gives_the_embedded_models_logits(exported, embedded):
     for batch in (tokens, random_tokens):
         with torch.no_grad():
             ours, theirs = embedded(batch), hf(batch).logits
-        assert (ours - theirs).abs().max() < 1e-4
+        # float32 rounding only: two implementations summing in other orders differ by up to
+        # 2e-4 on an AVX-512 Xeon (under 1e-4 on an AVX2 EPYC); a wrong or misplaced weight
+        # moves logits of this size by far more than 1e-3
+        assert (ours - theirs).abs().max() < 1e-3
         assert ours.abs().max() > 1.0  # real logits, not a degenerate pair of zeros
 
 
