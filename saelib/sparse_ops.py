@@ -15,8 +15,9 @@ Both functions reduce to one primitive, the *scatter outer product*
 
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
@@ -24,7 +25,8 @@ import torch
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
-class SparseCode(NamedTuple):
+@dataclass(frozen=True, eq=False)
+class SparseCode:
     """Where a batch's entries sit: row ``b`` owns entries ``crow_B1[b]:crow_B1[b + 1]``,
     their latents ascending within the row. Values travel beside it as a flat [N] tensor."""
 
@@ -36,6 +38,16 @@ class SparseCode(NamedTuple):
     """int64 [N]: the row of each entry."""
     n_latents: int
     """d_sae."""
+
+    @functools.cached_property
+    def by_latent(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order_N, crow_F1): the entries grouped by latent, rows ascending within a latent
+        (a stable sort), and each latent's offsets into that order, int64 [n_latents + 1].
+        Worked out once per code: both weight gradients of a step use it."""
+        order_N = torch.argsort(self.latent_N, stable=True)
+        crow_F1 = torch.zeros(self.n_latents + 1, dtype=torch.int64, device=self.latent_N.device)
+        crow_F1[1:] = torch.cumsum(torch.bincount(self.latent_N, minlength=self.n_latents), 0)
+        return order_N, crow_F1
 
     @classmethod
     def from_rows(cls, values_BK: torch.Tensor, indices_BK: torch.Tensor, n_latents: int) -> tuple["SparseCode", torch.Tensor]:
@@ -67,9 +79,7 @@ class SparseCode(NamedTuple):
 
 def scatter_outer(code: SparseCode, weights_N: torch.Tensor, rows_BD: torch.Tensor) -> torch.Tensor:
     """``out[f] = sum over entries n of latent f of weights[n] * rows[row[n]]``: [n_latents, D]."""
-    order = torch.argsort(code.latent_N, stable=True)
-    crow = torch.zeros(code.n_latents + 1, dtype=torch.int64, device=rows_BD.device)
-    crow[1:] = torch.cumsum(torch.bincount(code.latent_N, minlength=code.n_latents), 0)
+    order, crow = code.by_latent
     values = weights_N[order].to(rows_BD.dtype)
     matrix = torch.sparse_csr_tensor(crow, code.row_N[order], values, size=(code.n_latents, rows_BD.shape[0]),
                                      check_invariants=False)

@@ -161,6 +161,21 @@ def test_scatter_outer_is_a_sum_of_outer_products():
     torch.testing.assert_close(scatter_outer(code, weights_N, rows), dense.T @ rows)
 
 
+def test_both_weight_gradients_of_a_step_share_one_grouping_by_latent(monkeypatch):
+    """W_enc's and W_dec's gradients are scatter products over the same code; the entries are
+    sorted by latent once per code (``SparseCode.by_latent``), not once per product."""
+    sorts = []
+    argsort = torch.argsort
+    monkeypatch.setattr(torch, "argsort", lambda *a, **kw: sorts.append(1) or argsort(*a, **kw))
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(8, 32, "topk", k=4))
+    x = torch.randn(16, 8)
+    out = sae.train_forward(x)
+    (x - out.recon_BD).pow(2).sum().backward()
+    assert sae.W_enc.grad.abs().sum() > 0 and sae.W_dec.grad.abs().sum() > 0
+    assert len(sorts) == 1
+
+
 @pytest.mark.parametrize("layout", ["rows", "mask"])
 def test_sparse_ops_pass_gradcheck(layout):
     torch.manual_seed(1)
