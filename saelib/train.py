@@ -112,9 +112,10 @@ class TrainConfig:
     (``saelib.threads.ThreadGovernor``). A quiet machine never sees a change."""
     encoder_dtype: str = "auto"
     """Precision of the TopK encoder matmul that chooses each row's k latents: ``float32``,
-    ``bfloat16``, or ``auto``: bfloat16 only on hardware with bf16 matmul instructions where
-    it measures at least 1.25x faster at this SAE's shape (``saelib.precision``); never on a
-    CPU without AMX or AVX512-BF16. The chosen latents' values, the decoder and every
+    ``bfloat16``, or ``auto``: bfloat16 on hardware with fast bf16 matmuls (a CPU with AMX,
+    a GPU from Ampere on) for SAEs of d_in >= 64 and d_sae >= 256, where it measured 1.3-8x
+    faster, else float32. A fixed rule, not a timing: the same run picks the same precision
+    every time (``saelib.precision``). The chosen latents' values, the decoder and every
     gradient stay fp32, so bf16 only lets latents within its rounding of a row's cut-off
     trade places. Other architectures always use fp32."""
     kernels: str = "auto"
@@ -385,6 +386,18 @@ def run_identity(sae_cfg: SAEConfig, cfg: TrainConfig, data: dict | None) -> dic
     return {"sae": dataclasses.asdict(sae_cfg), **train, "data": data}
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam, fused where torch has the kernel for the parameters' device (CUDA; CPU from
+    torch 2.4): one pass over each tensor instead of a dozen ops per parameter. At
+    512 x 16384 on a 2-core CPU a step takes 20 ms against 145 ms, and the weights agree
+    with the per-op version to 1 ulp (the same formula, other rounding order)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # older torch, or a device without the fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
 class SAETrainer:
     """Owns one run: the SAE (in normalised-input space), optimiser, step, dead counters.
 
@@ -417,7 +430,7 @@ class SAETrainer:
             self.sae.dense_kernels = self.group.broadcast_object(choice) == "dense"
         if self.group.world > 1 and hasattr(type(self.sae), "batch_group"):  # BatchTopK's cut-off is batch-wide
             self.sae.batch_group = self.group
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
+        self.optimizer = adam(self.sae.parameters(), cfg.lr)
         self.step = 0
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=self.device)
         self.input_scale: float | None = None

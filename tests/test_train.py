@@ -70,6 +70,24 @@ def test_resume_equals_uninterrupted_training(tmp_path):
     assert resumed.metrics.loss.tolist() == whole.metrics.loss.tolist()
 
 
+def test_fused_adam_trains_as_the_per_op_adam_does():
+    """The trainer's fused Adam (saelib.train.adam) against torch's per-op Adam on the same
+    run: the same formula, so the weights agree to float32 rounding after 20 steps."""
+    sae_cfg = SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4)
+    cfg = quick_cfg(total_tokens=20 * 512, dead_tokens=2048)
+    weights = {}
+    for fused in (True, False):
+        trainer = SAETrainer(make_sae(sae_cfg), cfg)
+        assert trainer.optimizer.defaults["fused"] is True  # CPU fused Adam exists in this torch
+        if not fused:
+            trainer.optimizer = torch.optim.Adam(trainer.sae.parameters(), lr=cfg.lr, fused=False, foreach=False)
+        trainer.fit(toy_batches(20))
+        weights[fused] = trainer.sae.state_dict()
+    for name, tensor in weights[True].items():
+        torch.testing.assert_close(tensor, weights[False][name], rtol=1e-4, atol=1e-5)
+        assert tensor.abs().sum() > 0
+
+
 def test_checkpoint_of_another_sae_is_refused(tmp_path):
     cfg = quick_cfg(total_tokens=2 * 512, out_dir=str(tmp_path))
     train_sae(SAEConfig(d_in=24, d_sae=64, architecture="topk", k=4), toy_batches(2), cfg)
@@ -293,20 +311,20 @@ def test_bf16_selection_keeps_fp32_values_and_the_fp32_result():
     assert fvus["bfloat16"] <= 1.01 * fvus["float32"], fvus  # no worse by more than 1% (here 1% better)
 
 
-def test_auto_precision_never_tries_bf16_without_hardware_and_keeps_fp32_where_bf16_is_slower(monkeypatch):
+def test_auto_precision_follows_the_hardware_and_the_shape_and_never_a_timing(monkeypatch):
     from saelib import precision
 
-    precision.bf16_speedup.cache_clear()
-    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)
-    assert precision.bf16_speedup("cpu", 16, 64) == 0.0
-    assert precision.resolve_encoder_dtype("auto", "cpu", 16, 64) == torch.float32
-    assert precision.resolve_encoder_dtype("bfloat16", "cpu", 16, 64) == torch.bfloat16
-    precision.bf16_speedup.cache_clear()
-    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: True)
-    speedup = precision.bf16_speedup("cpu", 16, 64)  # measured for real on this machine
-    assert speedup > 0
-    assert precision.resolve_encoder_dtype("auto", "cpu", 16, 64) == (torch.bfloat16 if speedup >= precision.BF16_SPEEDUP
-                                                                      else torch.float32)
-    precision.bf16_speedup.cache_clear()
+    timed = []
+    monkeypatch.setattr(precision, "bf16_speedup", lambda *a, **kw: timed.append(a) or 99.0)
+    for fast in (False, True):
+        monkeypatch.setattr(precision, "has_fast_bf16_matmul", lambda device, fast=fast: fast)
+        # without fast bf16 hardware: fp32 at every shape; with it: bf16 from 64 x 256 up
+        assert precision.resolve_encoder_dtype("auto", "cpu", 256, 4096) == (torch.bfloat16 if fast else torch.float32)
+        assert precision.resolve_encoder_dtype("auto", "cpu", 64, 256) == (torch.bfloat16 if fast else torch.float32)
+        assert precision.resolve_encoder_dtype("auto", "cpu", 32, 4096) == torch.float32  # bf16 measured 0.9x here
+        assert precision.resolve_encoder_dtype("auto", "cpu", 256, 128) == torch.float32
+        assert precision.resolve_encoder_dtype("bfloat16", "cpu", 16, 64) == torch.bfloat16
+        assert precision.resolve_encoder_dtype("float32", "cpu", 256, 4096) == torch.float32
+    assert timed == []  # nothing was timed: two runs of one command train the same SAE
     with pytest.raises(ValueError, match="encoder_dtype 'fp8'"):
         TrainConfig(encoder_dtype="fp8")
