@@ -32,13 +32,18 @@ BF16_MIN_D_IN, BF16_MIN_D_SAE = 64, 256
 """``auto`` picks bf16 only for SAEs at least this wide (d_in, d_sae) on fast-bf16 hardware."""
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: not Linux,
+    so no bf16 guesses)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 def cpu_has_bf16_matmul() -> bool:
     """True when the CPU advertises bf16 matrix instructions (AMX or AVX512-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to know, so no bf16 guesses
-        return False
-    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,10 +80,7 @@ def has_fast_bf16_matmul(device: str | torch.device) -> bool:
     (``amx_bf16``), a CUDA GPU of compute capability 8.0 or above (Ampere on)."""
     dev = torch.device(device)
     if dev.type == "cpu":
-        try:
-            return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
-        except OSError:
-            return False
+        return "amx_bf16" in cpu_flags()
     if dev.type == "cuda":
         return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(dev) >= (8, 0)
     return False
