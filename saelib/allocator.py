@@ -1,0 +1,64 @@
+"""glibc's allocator set to keep freed memory for reuse instead of returning it at once.
+
+PyTorch on a CPU allocates every intermediate tensor with ``malloc`` and frees it when the
+op is done. glibc gives the top of its heap back to the kernel whenever more than its trim
+threshold is free there (by default twice its mmap threshold, which itself rises from 128
+KiB to at most 32 MiB as large blocks are freed). A forward pass frees more than that at
+its end, so the next one page-faults all its activations in again, 4 KiB at a time: on
+issue 20's 2-core Xeon the embedded model's forward pass spent 30% of its CPU time in the
+kernel for this, and ran 1.33x faster without it (``benchmarks/README.md``). PyTorch's CPU
+tuning guide suggests swapping in jemalloc or tcmalloc for this reason; ``mallopt`` gets
+the effect from glibc itself:
+
+- ``M_TRIM_THRESHOLD`` = 1 GiB: up to that much freed memory at the heap's top is kept;
+- ``M_MMAP_THRESHOLD`` = 32 MiB: blocks below it come from the heap (the most glibc's own
+  rule would reach; setting one threshold stops glibc moving the other, so both are set).
+
+Blocks above 32 MiB keep glibc's behaviour (mapped, then unmapped on free): in the heap,
+blocks of hundreds of MiB allocated and freed in turn leave holes that the next, slightly
+larger aligned request does not fit, and the heap grew by several blocks in a test.
+The price is that up to 1 GiB of freed memory stays in the process (its RSS does not fall
+after a big step) to be reused by the next one; peak memory is unchanged.
+``import saelib`` applies it once (``keep_freed_blocks``), except where the user set
+glibc's own ``MALLOC_*`` variables or ``SAELIB_MALLOC=system``, and on other C libraries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 32 << 20
+TRIM_THRESHOLD_BYTES = 1 << 30  # mallopt takes a C int: 2 GiB would not fit
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+"""Environment variables through which a user tunes glibc's allocator: saelib leaves it alone then."""
+
+_applied: bool | None = None
+
+
+def keep_freed_blocks() -> bool:
+    """Set glibc's mmap and trim thresholds (module docstring) once per process; returns
+    whether they are set. Does nothing on other C libraries, under ``SAELIB_MALLOC=system``
+    or when the user set one of ``USER_SETTINGS``."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if os.environ.get("SAELIB_MALLOC", "").lower() == "system" or any(name in os.environ for name in USER_SETTINGS):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        gnu_version = libc.gnu_get_libc_version  # glibc only: musl has no mallopt thresholds
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    del gnu_version
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _applied = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return _applied
