@@ -100,7 +100,7 @@ def main() -> None:
         # Reading: peak RSS while streaming shuffled batches through the largest store.
         from saelib.store import ActivationStore
 
-        store = ActivationStore(next(root.rglob("mlp.hook_post")) if list(root.rglob("mlp.hook_post")) else next(root.rglob("manifest.json")).parent)
+        store = ActivationStore(max((m.parent for m in root.rglob("manifest.json")), key=lambda f: ActivationStore(f).d_in))
         size_mb = sum(f.stat().st_size for f in store.folder.glob("shard_*.npy")) / 1e6
         for buffer_rows in (1 << 14, 1 << 16):
             reset_peak_rss()

@@ -121,9 +121,9 @@ def _capture(model, tokens_BL: torch.Tensor, hooks: list[str], stop: int | None)
 
 
 def _rows(act: torch.Tensor, first_position: int) -> torch.Tensor:
-    """[batch, pos, ...] -> [batch * (pos - first_position), d] with head axes flattened
-    (a view where possible: the store's dtype cast makes the one copy)."""
-    return act[:, first_position:].flatten(0, 1).flatten(1)
+    """[batch, pos, ...] -> [batch, pos - first_position, d] with head axes flattened: a view,
+    its rows in store order along the first two axes (the writer's cast makes the one copy)."""
+    return act[:, first_position:].flatten(2)
 
 
 @torch.inference_mode()
@@ -156,7 +156,7 @@ def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str 
     itemsize = np.dtype(cfg.dtype).itemsize
     writers, manifests = {}, {}
     for hook in hooks:
-        d_in = _rows(probe[hook], first_position).shape[1]
+        d_in = _rows(probe[hook], first_position).shape[-1]
         manifest = StoreManifest(
             model=model_name or model_label(model),
             model_fingerprint=fingerprint,
@@ -259,7 +259,7 @@ def _harvest_block(model, tokens_NL, cfg: HarvestConfig, hooks, new_manifests: d
             captured = _capture(model, batch.to(device), wanted, stop) if wanted else {}
             for hook, writer in writers.items():
                 if hook in captured:
-                    writer.append(_rows(captured[hook], first_position), row_lo)
+                    writer.append(_rows(captured[hook], first_position).flatten(0, 1), row_lo)
                 else:
                     writer.advance(row_hi)
             bar.update(batch.numel())

@@ -147,13 +147,18 @@ class StoreManifest:
         return cls(**values)
 
 
-def _npy_bytes(rows: int, d_in: int, dtype: str) -> int:
-    """Exact size of an ``.npy`` file holding a C-ordered [rows, d_in] array."""
+def npy_header(rows: int, d_in: int, dtype: str) -> bytes:
+    """The header ``np.save`` writes before a C-ordered [rows, d_in] array (format 1.0)."""
     header = np.lib.format.header_data_from_array_1_0(np.empty((0, d_in), dtype=dtype))
     header["shape"] = (rows, d_in)
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, header)
-    return buffer.tell() + rows * d_in * np.dtype(dtype).itemsize
+    return buffer.getvalue()
+
+
+def _npy_bytes(rows: int, d_in: int, dtype: str) -> int:
+    """Exact size of an ``.npy`` file holding a C-ordered [rows, d_in] array."""
+    return len(npy_header(rows, d_in, dtype)) + rows * d_in * np.dtype(dtype).itemsize
 
 
 class ActivationStore:

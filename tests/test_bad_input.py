@@ -80,20 +80,18 @@ def test_a_full_disk_names_the_shard_and_the_rerun_resumes(tiny_model, tmp_path,
     tokens = torch.randint(0, tiny_model.cfg.d_vocab, (64, 9), generator=torch.Generator().manual_seed(0))
     cfg = HarvestConfig(hooks=["blocks.0.hook_resid_post"], out_dir=str(tmp_path / "full"), dtype="float32",
                         shard_mb=64 * tiny_model.cfg.d_model * 4 / 2**20, batch_size=8)
-    real_save, calls = store_writer._save_npy, []
+    real_write, calls = store_writer.write_unbuffered, []
 
-    def failing_save(array):
-        calls.append(len(array))
-        if len(calls) == 4:  # contexts.npy, then shards 0 and 1 land; shard 2 hits the full disk
-            def write(tmp):
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return write
-        return real_save(array)
+    def failing_write(path, memory, size):
+        calls.append(path)
+        if len(calls) == 3:  # shards 0 and 1 land; shard 2 hits the full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, memory, size)
 
-    monkeypatch.setattr(store_writer, "_save_npy", failing_save)
+    monkeypatch.setattr(store_writer, "write_unbuffered", failing_write)
     with pytest.raises(DiskFullError, match=r"disk full while writing .*shard_00002.npy: free space and rerun the same command"):
         harvest(tiny_model, tokens, cfg)
-    monkeypatch.setattr(store_writer, "_save_npy", real_save)
+    monkeypatch.setattr(store_writer, "write_unbuffered", real_write)
     resumed = harvest(tiny_model, tokens, cfg)["blocks.0.hook_resid_post"]
     clean = harvest(tiny_model, tokens, HarvestConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "clean")}))[
         "blocks.0.hook_resid_post"]

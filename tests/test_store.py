@@ -267,3 +267,154 @@ def test_rows_past_the_windows_are_refused(tmp_path, acts_ND):
     writer.seek(0)
     writer.append(acts_ND)  # from the start: every row already held, nothing written
     assert len(writer.close()) == 40
+
+
+# -- the write path: shard images, unbuffered writes, statistics -------------------------------
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_shard_images_are_the_files_np_save_writes(tmp_path, dtype):
+    import hashlib
+    import io
+
+    from saelib.store_writer import ShardImage
+
+    rows_ND = torch.randn(300, 48, generator=torch.Generator().manual_seed(1)).to(getattr(torch, dtype))
+    image = ShardImage(300, 48, dtype)
+    for rows, name in ((300, "full"), (170, "closed_early")):  # a shard closed before it filled gets its own header
+        image.start(300)
+        for lo in range(0, rows, 64):  # arriving in pieces, hashed as they come
+            image.add(rows_ND[lo : min(rows, lo + 64)])
+        sha256 = image.seal()
+        path = tmp_path / f"{name}.npy"
+        image.save(path)
+        expected = io.BytesIO()
+        np.save(expected, rows_ND[:rows].numpy())
+        assert path.read_bytes() == expected.getvalue()
+        assert sha256 == hashlib.sha256(expected.getvalue()).hexdigest()
+
+
+def _page_cache_pages(path) -> int:
+    """Pages of ``path`` held in the page cache (``mincore`` over a mapping of the file)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(path, "r+b") as handle, mmap.mmap(handle.fileno(), size) as mapping:
+        vector = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+        anchor = ctypes.c_char.from_buffer(mapping)
+        try:
+            assert libc.mincore(ctypes.addressof(anchor), size, vector) == 0, ctypes.get_errno()
+        finally:
+            del anchor  # the mapping cannot close while a ctypes object views it
+    return sum(v & 1 for v in vector)
+
+
+def _accepts_direct_io(folder) -> bool:
+    import errno
+    import os
+
+    try:
+        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+        return False
+    return True
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "O_DIRECT"), reason="O_DIRECT is Linux-only")
+def test_unbuffered_writes_bypass_the_page_cache(tmp_path):
+    import mmap
+
+    from saelib.files import write_unbuffered
+
+    if not _accepts_direct_io(tmp_path):
+        pytest.skip(f"{tmp_path} has no direct I/O")
+    size = 5 * mmap.PAGESIZE + 123  # the last page is padded in memory, not on disk
+    memory = mmap.mmap(-1, 6 * mmap.PAGESIZE)
+    memory[:] = np.random.default_rng(0).integers(0, 256, len(memory), dtype=np.uint8).tobytes()
+    buffered = tmp_path / "buffered.bin"
+    buffered.write_bytes(memory[:size])
+    assert _page_cache_pages(buffered) > 0  # the baseline: a plain write leaves its pages cached
+    path = tmp_path / "unbuffered.bin"
+    write_unbuffered(path, memory, size)
+    assert _page_cache_pages(path) == 0
+    assert path.read_bytes() == memory[:size]
+
+
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_unbuffered_writes_fall_back_where_direct_io_is_refused(tmp_path, monkeypatch, refused_at):
+    # Simulated: every file system at hand takes O_DIRECT (tmpfs too, since Linux 6.6); some
+    # (FUSE, older ZFS) refuse it with EINVAL when the file is opened or first written.
+    import errno
+    import mmap
+    import os
+
+    from saelib.files import write_unbuffered
+
+    real_open, real_write = os.open, os.write
+    direct_fds = set()
+
+    def open_(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            if refused_at == "open":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            fd = real_open(path, flags, *args)
+            direct_fds.add(fd)
+            return fd
+        return real_open(path, flags, *args)
+
+    def write_(fd, data):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "write", write_)
+    memory = mmap.mmap(-1, 2 * mmap.PAGESIZE)
+    memory[:] = bytes(range(256)) * (len(memory) // 256)
+    write_unbuffered(tmp_path / "f.bin", memory, mmap.PAGESIZE + 7)
+    assert (tmp_path / "f.bin").read_bytes() == memory[: mmap.PAGESIZE + 7]
+
+
+def test_statistics_summed_block_by_block_match_float64(monkeypatch):
+    from saelib import store_writer
+
+    rows_ND = (torch.randn(1000, 24, generator=torch.Generator().manual_seed(3)) * 5 + 2).half()
+    monkeypatch.setattr(store_writer, "_BLOCK_BYTES", 24 * 4 * 37)  # blocks of 37 rows, the last one short
+    total_D, total_norm, total_sq = store_writer._sums_of(rows_ND)
+    reference = rows_ND.double()
+    assert np.allclose(total_D, reference.sum(0).numpy(), rtol=1e-6)
+    assert total_norm == pytest.approx(float(reference.norm(dim=1).sum()), rel=1e-6)
+    assert total_sq == pytest.approx(float(reference.square().sum()), rel=1e-6)
+
+
+def test_rows_may_arrive_as_a_strided_batch_view(tmp_path, acts_ND):
+    """Harvest hands the writer [batch, positions, d] views (BOS cut off), not copied rows."""
+    with_bos = torch.cat([torch.full((10, 1, D_IN), 99.0), acts_ND.view(10, 4, D_IN)], dim=1)  # [10, 5, D]
+    contexts = np.arange(10 * CONTEXT_LEN, dtype=np.int32).reshape(10, CONTEXT_LEN)
+    for dtype in ("float32", "float16"):
+        writer = StoreWriter(tmp_path / dtype, make_manifest(10, dtype=dtype), contexts)
+        for lo in range(0, 10, 3):
+            writer.append(with_bos[lo : lo + 3, 1:])  # not contiguous
+        store = writer.close()
+        assert torch.equal(store.rows(0, 40), acts_ND.to(getattr(torch, dtype)).float())
+
+
+def test_float32_rows_whose_squares_overflow_are_refused(tmp_path, acts_ND):
+    # A norm above 3e38 made the store's mean squared norm inf, and the finished store was
+    # then refused on every open as "damaged statistics".
+    big = acts_ND.clone()
+    big[13, 1] = 1e20
+    with pytest.raises(NonFiniteActivationsError, match="too large for float32 statistics.*context 3, position 2"):
+        write_store(tmp_path / "s", big, n_contexts=10)
+
+
+def test_a_bad_row_leaves_its_whole_batch_unwritten_across_a_shard_boundary(tmp_path, acts_ND):
+    bad = acts_ND.clone()
+    bad[8, 0] = float("inf")  # the batch of rows 5..9 would complete shard 0 (rows 0..6)
+    with pytest.raises(NonFiniteActivationsError, match="NaN or inf"):
+        write_store(tmp_path / "s", bad, n_contexts=10, append_rows=5)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["shards"] == []
