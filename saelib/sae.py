@@ -307,20 +307,20 @@ class TopKSAE(SparseAutoencoder):
             if n_aux:
                 dead_values_BK[rows], dead_indices_BK[rows] = pick_dead(pre)
         if dtype != torch.float32:
-            values_BK = self._fp32_pre_acts(centred_BD, indices_BK)
+            values_BK, indices_BK = self._fp32_pre_acts(centred_BD, indices_BK)
             if n_aux:
-                dead_values_BK = self._fp32_pre_acts(centred_BD, dead_indices_BK)
+                dead_values_BK, dead_indices_BK = self._fp32_pre_acts(centred_BD, dead_indices_BK)
         return (values_BK, indices_BK), ((dead_values_BK, dead_indices_BK) if n_aux else None)
 
-    def _fp32_pre_acts(self, centred_BD: torch.Tensor, indices_BK: torch.Tensor) -> torch.Tensor:
-        """``(centred_BD @ W_enc + b_enc)[b, indices[b, j]]`` in fp32, only at those entries: [B, K]."""
-        # The code sorts each row's entries by latent; the values carried along are the entries'
-        # slots j, which put the dot products back in the order of indices_BK.
-        slots_BK = torch.arange(indices_BK.shape[1], device=indices_BK.device).expand_as(indices_BK)
-        code, slot_N = SparseCode.from_rows(slots_BK, indices_BK, self.cfg.d_sae)
+    def _fp32_pre_acts(self, centred_BD: torch.Tensor, indices_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entries ``indices_BK`` chose, each row's sorted by latent, with their values
+        ``(centred_BD @ W_enc + b_enc)[b, latent]`` computed in fp32 at those entries only:
+        (values_BK, latents_BK). Sorted, they are the order ``SparseCode.from_rows`` keeps,
+        so the step's code is built without sorting them a second time."""
+        latent_BK = indices_BK.sort(dim=1).values
+        code = SparseCode.of_sorted_rows(latent_BK, self.cfg.d_sae)
         dots_N = gather_dot(centred_BD, self.W_enc.T, code) + self.b_enc[code.latent_N]
-        out_BK = torch.empty(indices_BK.shape, dtype=dots_N.dtype, device=dots_N.device)
-        return out_BK.scatter_(1, slot_N.view(indices_BK.shape), dots_N.view(indices_BK.shape))
+        return dots_N.view(latent_BK.shape), latent_BK
 
     def train_forward(self, x_BD, dead_F=None, aux_k=0):
         self._check_width(x_BD)

@@ -52,13 +52,21 @@ class SparseCode:
     @classmethod
     def from_rows(cls, values_BK: torch.Tensor, indices_BK: torch.Tensor, n_latents: int) -> tuple["SparseCode", torch.Tensor]:
         """``K`` entries per row (TopK's selection; indices distinct within a row):
-        (code, values_N) with each row's entries sorted by latent."""
-        B, K = indices_BK.shape
-        latent_BK, order_BK = indices_BK.sort(dim=1)
-        device = indices_BK.device
+        (code, values_N) with each row's entries sorted by latent. Rows already in that order
+        (as the bf16 selection hands them over) are taken as they are, without a sort."""
+        if indices_BK.shape[1] > 1 and not bool((indices_BK[:, 1:] > indices_BK[:, :-1]).all()):
+            indices_BK, order_BK = indices_BK.sort(dim=1)
+            values_BK = values_BK.gather(1, order_BK)
+        return cls.of_sorted_rows(indices_BK, n_latents), values_BK.reshape(-1)
+
+    @classmethod
+    def of_sorted_rows(cls, latent_BK: torch.Tensor, n_latents: int) -> "SparseCode":
+        """``K`` entries per row whose latents already ascend within each row."""
+        B, K = latent_BK.shape
+        device = latent_BK.device
         crow = torch.arange(0, B * K + 1, K, device=device)
         row_N = torch.arange(B, device=device).repeat_interleave(K)
-        return cls(crow, latent_BK.reshape(-1), row_N, n_latents), values_BK.gather(1, order_BK).reshape(-1)
+        return cls(crow, latent_BK.reshape(-1), row_N, n_latents)
 
     @classmethod
     def from_mask(cls, active_BF: torch.Tensor, values_BF: torch.Tensor) -> tuple["SparseCode", torch.Tensor]:

@@ -335,3 +335,20 @@ def test_topk_selection_by_blocks_equals_the_whole_batch_selection():
     torch.testing.assert_close(dead_BK[0], expected_dead[0])
     assert torch.equal(dead_BK[1], expected_dead[1]) and dead[dead_BK[1]].all()
     assert sae.select_by_blocks(x, torch.zeros(96, dtype=torch.bool), aux_k=5)[1] is None
+
+
+def test_rows_already_sorted_by_latent_build_the_same_code_without_a_sort(monkeypatch):
+    """The bf16 selection hands its entries over sorted by latent; from_rows must then skip
+    its sort (one per code per step) and still build the code an unsorted hand-over gives."""
+    torch.manual_seed(0)
+    indices_BK = torch.rand(40, 300).argsort(dim=1)[:, :7]
+    values_BK = torch.randn(40, 7)
+    code, values_N = SparseCode.from_rows(values_BK, indices_BK, 300)
+    latent_BK, order_BK = indices_BK.sort(dim=1)
+    sorts = []
+    real_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: sorts.append(1) or real_sort(self, *a, **k))
+    again, values_again_N = SparseCode.from_rows(values_BK.gather(1, order_BK), latent_BK, 300)
+    assert sorts == []
+    assert torch.equal(again.latent_N, code.latent_N) and torch.equal(again.row_N, code.row_N)
+    assert torch.equal(again.crow_B1, code.crow_B1) and torch.equal(values_again_N, values_N)
