@@ -6,7 +6,7 @@ threshold is free there (by default twice its mmap threshold, which itself rises
 KiB to at most 32 MiB as large blocks are freed). A forward pass frees more than that at
 its end, so the next one page-faults all its activations in again, 4 KiB at a time: on
 issue 20's 2-core Xeon the embedded model's forward pass spent 30% of its CPU time in the
-kernel for this, and ran 1.33x faster without it (``benchmarks/README.md``). PyTorch's CPU
+kernel for this, and ran 1.31x faster without it (``benchmarks/README.md``). PyTorch's CPU
 tuning guide suggests swapping in jemalloc or tcmalloc for this reason; ``mallopt`` gets
 the effect from glibc itself:
 
@@ -19,6 +19,7 @@ blocks of hundreds of MiB allocated and freed in turn leave holes that the next,
 larger aligned request does not fit, and the heap grew by several blocks in a test.
 The price is that up to 1 GiB of freed memory stays in the process (its RSS does not fall
 after a big step) to be reused by the next one; peak memory is unchanged.
+
 **Opt-in: ``SAELIB_MALLOC=keep``.** ``import saelib`` then applies it once
 (``keep_freed_blocks``), except where the user set glibc's own ``MALLOC_*`` variables, and
 on other C libraries. It is not the default because with it on, one fresh-clone CI run of
@@ -61,11 +62,11 @@ def keep_freed_blocks() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        gnu_version = libc.gnu_get_libc_version  # glibc only: musl has no mallopt thresholds
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    del gnu_version
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl has no mallopt thresholds
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
     return _applied

@@ -510,9 +510,13 @@ class ShardBlockWriter:
         shard_ND = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending = []
         path = self.folder / shard_file(index)
-        write_atomic(path, _save_npy(shard_ND.contiguous().numpy()))
+        image = ShardImage(len(shard_ND), self.manifest.d_in, self.manifest.dtype)  # the one way shards are written
+        image.start(len(shard_ND))
+        image.add(shard_ND)
+        sha256 = image.seal()
+        image.save(path)
         total, total_norm, total_sq = _sums_of(shard_ND)
-        record = {"file": path.name, "rows": len(shard_ND), "sha256": sha256_file(path), "sum": total.tolist(),
+        record = {"file": path.name, "rows": len(shard_ND), "sha256": sha256, "sum": total.tolist(),
                   "sum_norm": total_norm, "sum_sq_norm": total_sq}
         text = json.dumps(record)  # after the shard: a record always describes a whole file
         write_atomic(path.with_suffix(RECORD_SUFFIX), lambda tmp: tmp.write_text(text))
