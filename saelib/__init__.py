@@ -26,6 +26,12 @@ if ("ipykernel" in _sys.modules and "torch" not in _sys.modules
         and not any(name in _os.environ for name in _KERNEL_OPENMP_ENV)):
     _os.environ.update(_KERNEL_OPENMP_ENV)
 
+# MKL's vector math picks each function's kernel at its first call; two threads making that
+# first call at once can get a low-accuracy kernel for one half of a tensor (saelib.vml).
+from .vml import resolve_dispatch as _resolve_vml_dispatch  # noqa: E402
+
+_resolve_vml_dispatch()
+
 # SAELIB_MALLOC=keep: glibc keeps freed blocks for reuse rather than page-faulting every
 # tensor in afresh (saelib.allocator): forward passes on a CPU ran 1.3x faster. Opt-in only:
 # with it on, one run of the test suite under TransformerLens 4 got logits 0.0116 away from
