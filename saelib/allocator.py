@@ -20,15 +20,13 @@ larger aligned request does not fit, and the heap grew by several blocks in a te
 The price is that up to 1 GiB of freed memory stays in the process (its RSS does not fall
 after a big step) to be reused by the next one; peak memory is unchanged.
 
-**Opt-in: ``SAELIB_MALLOC=keep``.** ``import saelib`` then applies it once
-(``keep_freed_blocks``), except where the user set glibc's own ``MALLOC_*`` variables, and
-on other C libraries. It is not the default because with it on, one fresh-clone CI run of
-the test suite under TransformerLens 4 gave the embedded model's logits 0.0116 away from
-transformers' (the bound is 1e-3; the usual gap is 1e-5 to 2e-4): reproduced by running
-the tests up to ``test_hf_export.py`` in one process, gone with the setting off, and gone
-again when the test computed a little more before comparing. Freed memory handed out again
-holds old values where fresh pages held zeros, so code somewhere in that stack may read
-memory it never wrote; until that is found, saelib does not change the allocator by itself.
+**On by default; ``SAELIB_MALLOC=system`` keeps glibc's own behaviour.** ``import saelib``
+applies it once (``keep_freed_blocks``), except where the user set glibc's own ``MALLOC_*``
+variables or ``GLIBC_TUNABLES``, and on other C libraries. It was opt-in for a while
+(127eb3b): with it on, one fresh-clone CI run under TransformerLens 4 gave the embedded
+model's logits 0.0116 away from transformers'. The cause was not the allocator but MKL's
+vector-math kernels chosen by two threads at once (``saelib.vml``), which happens without
+this setting too; the setting only changed the timing that decides the race.
 """
 
 from __future__ import annotations
@@ -37,11 +35,14 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import warnings
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 1 << 30  # mallopt takes a C int: 2 GiB would not fit
+CHOICES = ("keep", "system")
+"""Values of ``SAELIB_MALLOC``."""
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 """Environment variables through which a user tunes glibc's allocator: saelib leaves it alone then."""
 
@@ -49,14 +50,20 @@ _applied: bool | None = None
 
 
 def keep_freed_blocks() -> bool:
-    """Under ``SAELIB_MALLOC=keep``, set glibc's mmap and trim thresholds (module docstring)
-    once per process; returns whether they are set. Does nothing otherwise, on other C
-    libraries, or when the user set one of ``USER_SETTINGS``."""
+    """Set glibc's mmap and trim thresholds (module docstring) once per process; returns
+    whether they are set. Does nothing under ``SAELIB_MALLOC=system``, on other C libraries,
+    or when the user set one of ``USER_SETTINGS``."""
     global _applied
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("SAELIB_MALLOC", "").lower() != "keep" or any(name in os.environ for name in USER_SETTINGS):
+    choice = os.environ.get("SAELIB_MALLOC", "keep").strip().lower() or "keep"
+    if choice not in CHOICES:  # at import time: a warning, and glibc left as it is, not a traceback
+        warnings.warn(f"SAELIB_MALLOC={os.environ['SAELIB_MALLOC']!r} is not one of {', '.join(CHOICES)}; leaving "
+                      "glibc's allocator as it is. Set 'keep' (the default: freed memory kept for reuse) or 'system'.",
+                      stacklevel=2)
+        return False
+    if choice == "system" or any(name in os.environ for name in USER_SETTINGS):
         return False
     if not sys.platform.startswith("linux"):
         return False

@@ -36,9 +36,9 @@ def probe(**env_changes) -> tuple[str, int]:
 
 
 def test_freed_tensors_are_reused_without_page_faults():
-    applied, tuned = probe(SAELIB_MALLOC="keep")
-    default, system = probe()  # opt-in only: glibc's own behaviour unless asked
-    assert (applied, default) == ("True", "False")
+    applied, tuned = probe()  # the default
+    opted_out, system = probe(SAELIB_MALLOC="system")  # glibc's own behaviour
+    assert (applied, opted_out) == ("True", "False")
     # glibc's own settings give the activations freed at the heap's top back after every
     # pass (about 60k faults of 4 KiB pages each here; far fewer with transparent huge pages)
     assert system >= 10 * 32
@@ -46,6 +46,13 @@ def test_freed_tensors_are_reused_without_page_faults():
 
 
 def test_the_users_malloc_settings_stand():
-    applied, faults = probe(SAELIB_MALLOC="keep", MALLOC_TRIM_THRESHOLD_="131072")
+    applied, faults = probe(MALLOC_TRIM_THRESHOLD_="131072")
     assert applied == "False"
     assert faults >= 10 * 32  # glibc's behaviour, as the user asked
+
+
+def test_an_unknown_choice_warns_and_leaves_glibc_alone():
+    run = subprocess.run([sys.executable, "-W", "always", "-c", "import saelib.allocator as a; print(a._applied)"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "SAELIB_MALLOC": "sytem"})
+    assert run.returncode == 0 and run.stdout.split() == ["False"]
+    assert "SAELIB_MALLOC='sytem' is not one of keep, system" in run.stderr and "Traceback" not in run.stderr
