@@ -180,21 +180,32 @@ def acquire_lock(folder: Path, what: str = "folder") -> Path:
     """Make this process the only writer of ``folder``: create ``.writer.lock`` (exclusively)
     holding our pid and host. A lock whose process is gone (same host, pid not running) is
     stale and taken over; one of a live process raises ``FolderLockedError`` naming it. A
-    lock of this very process (an earlier writer that failed in a notebook) is taken over."""
+    lock of this very process (an earlier writer that failed in a notebook) is taken over.
+
+    The lock appears with its content already in it: written to a temporary file first, then
+    hard-linked to the lock's name, which fails if a lock is there. Created empty and then
+    written, another process could read it in between and could not say whose it was."""
     import socket
     import time
 
     folder = Path(folder)
     path = folder / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    tmp = folder / f"{LOCK_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(me))
+    try:
+        for _ in range(3):
+            try:
+                _create_exclusively(path, tmp)
+                return path
+            except FileExistsError:
+                pass
             try:
                 owner = json.loads(path.read_text() or "{}")
+            except FileNotFoundError:
+                continue  # released this instant: try again
             except (OSError, ValueError):
-                owner = {}  # being written this instant, or garbled: judge by age below
+                owner = {}  # garbled (or written by a saelib before the link): judge by age below
             pid, host = owner.get("pid"), owner.get("host")
             if pid == me["pid"] and host == me["host"]:
                 return path
@@ -205,14 +216,26 @@ def acquire_lock(folder: Path, what: str = "folder") -> Path:
                 path.unlink(missing_ok=True)  # an empty lock older than a minute: its writer died mid-write
                 continue
             holder = (f"process {pid} on {host} (since {owner.get('since', '?')})" if owner
-                      else "a process whose lock file is being written this instant or is damaged")
+                      else "a process whose lock file is damaged or being written this instant")
             raise FolderLockedError(
                 f"{what} {folder} is being written by {holder}: wait for it to finish, or if that process is "
                 f"gone, delete {path} and run again") from None
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(me))
-        return path
+    finally:
+        tmp.unlink(missing_ok=True)
     raise FolderLockedError(f"could not take the writer lock {path}: delete it if no other process writes {folder}")
+
+
+def _create_exclusively(path: Path, written: Path) -> None:
+    """Give the complete file ``written`` the name ``path``; FileExistsError if ``path`` exists.
+    Where the file system has no hard links, create ``path`` exclusively and copy it in."""
+    try:
+        os.link(written, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some FUSE and FAT file systems): create, then write
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(written.read_bytes())
 
 
 def release_lock(path: Path) -> None:
