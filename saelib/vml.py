@@ -9,7 +9,7 @@ thread can run a low-accuracy kernel over its whole chunk (pytorch/pytorch#18879
 by thousands of ulp in one half of the tensor, in some processes and not others.
 
 Measured on issue 20's 2-core Xeon: in fresh processes whose first such op was an 8192-element
-float32 call, 2 to 17 of 40 (over five runs) got one thread's half wrong by a relative 1e-5 to 3e-4. The
+float32 call, 5 to 17 of 40 (four runs of 40) got one thread's half wrong by a relative 1e-5 to 3e-4. The
 embedded model under TransformerLens 4 builds its rotary ``cos`` table (256 positions x 16
 frequencies) as its first such op; in about one process in ten, positions 128-255 were off
 by up to 1.5e-4, which moved its logits by 0.0116 against transformers' (``test_hf_export``).
