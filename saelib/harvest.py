@@ -259,7 +259,7 @@ def _harvest_block(model, tokens_NL, cfg: HarvestConfig, hooks, new_manifests: d
             captured = _capture(model, batch.to(device), wanted, stop) if wanted else {}
             for hook, writer in writers.items():
                 if hook in captured:
-                    writer.append(_rows(captured[hook], first_position).flatten(0, 1), row_lo)
+                    writer.append(_rows(captured[hook], first_position), row_lo)
                 else:
                     writer.advance(row_hi)
             bar.update(batch.numel())

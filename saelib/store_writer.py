@@ -1,5 +1,5 @@
 """Write side of an activation store (format and reader: ``saelib.store``): rows appended in
-store order, cast and checked once into a shard image in memory that is hashed as it fills,
+store order, cast once into a shard image in memory that is checked, hashed and summed as it fills,
 full shards written atomically and past the page cache by a background thread while the
 next forward pass runs, running statistics kept in the manifest, and resume after a kill.
 
@@ -82,20 +82,101 @@ def _give_back(memory) -> None:
             _spare_memory.pop(0).close()
 
 
-# Rows are copied into a shard image and hashed in pieces of about this size: hashing each
-# while it is still in the core's cache took 42 ms per 64 MiB against 59-72 ms for pieces of
-# 8 MiB (a whole harvest batch) on issue 20's Xeon.
-_HASH_BYTES = 1 << 20
+# Rows are copied into a shard image once, then checked, hashed and summed in pieces of about
+# this many bytes of the store's dtype, counted from the shard's first row: each piece is
+# read while it is still in the core's L2 cache (hashing 1 MiB pieces so took 42 ms per
+# 64 MiB against 59-72 ms for 8 MiB ones on issue 20's Xeon), and the statistics, summed
+# piece by piece in this one fixed grid, come out the same to the bit whether one writer,
+# several ranks or a resumed store sums a shard (``_sums_of``).
+_PIECE_BYTES = 1 << 20
+
+
+def _piece_rows(row_bytes: int) -> int:
+    """Rows per piece of the grid (``_PIECE_BYTES``) for rows of ``row_bytes`` bytes."""
+    return max(1, _PIECE_BYTES // max(1, row_bytes))
+
+
+def _as_float32(rows_ND: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    """``rows_ND`` as float32: itself if it is, else a copy into ``buffer`` (at least as many
+    rows; valid until the buffer is reused)."""
+    if rows_ND.dtype == torch.float32:
+        return rows_ND
+    widened = buffer[: len(rows_ND)]
+    widened.copy_(rows_ND)
+    return widened
+
+
+def _row_norms(rows_ND: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """L2 norm of each float32 row [N], summed in float32 without rescaling, so a row holding
+    a NaN or inf, or one whose squares overflow float32, gets a non-finite norm. A row's norm
+    depends on that row alone, not on the rows computed with it."""
+    return torch.linalg.vector_norm(rows_ND, dim=1, out=out)
+
+
+def _column_sum(rows_ND: torch.Tensor) -> torch.Tensor:
+    """Sum of the float32 rows [d] as float64: a matmul, far faster than ``sum(dim=0)``."""
+    return (torch.ones(1, len(rows_ND)) @ rows_ND)[0].double()
+
+
+def _sums_of(rows_ND: torch.Tensor) -> tuple[np.ndarray, float, float]:
+    """(sum of rows [d_in] float64, sum of norms, sum of squared norms) of one shard's rows,
+    in the store's dtype: summed piece by piece on the grid ``ShardImage`` sums on, so this
+    gives the same bits as the image that wrote the shard."""
+    n, d = rows_ND.shape
+    step = _piece_rows(d * rows_ND.element_size())
+    buffer = None if rows_ND.dtype == torch.float32 else torch.empty(min(step, n), d)
+    total_D = torch.zeros(d, dtype=torch.float64)
+    norms_N = torch.empty(n)
+    for lo in range(0, n, step):
+        piece = _as_float32(rows_ND[lo : lo + step], buffer)
+        total_D += _column_sum(piece)
+        _row_norms(piece, out=norms_N[lo : lo + len(piece)])
+    return _totals(total_D, norms_N)
+
+
+def _totals(total_D: torch.Tensor, norms_N: torch.Tensor) -> tuple[np.ndarray, float, float]:
+    norms_N = norms_N.double()
+    return total_D.numpy().copy(), float(norms_N.sum()), float(norms_N.square().sum())
+
+
+def _copy_rows(dst_ND: torch.Tensor, source_BRD: torch.Tensor, lo: int, hi: int) -> None:
+    """Copy (and cast) rows ``lo:hi`` of ``source_BRD`` [B, R, d], whose rows run along its
+    first two axes (a strided view is fine), into ``dst_ND`` [hi - lo, d]: whole contexts in one
+    copy, a part of one at either end separately."""
+    per = source_BRD.shape[1]
+    at = 0
+    while lo < hi:
+        b, r = divmod(lo, per)
+        if r == 0 and hi - lo >= per:
+            whole = (hi - lo) // per
+            dst_ND[at : at + whole * per].view(whole, per, -1).copy_(source_BRD[b : b + whole])
+            step = whole * per
+        else:
+            step = min(hi - lo, per - r)
+            dst_ND[at : at + step].copy_(source_BRD[b, r : r + step])
+        at, lo = at + step, lo + step
+
+
+class NonFiniteRow(Exception):
+    """A row cast into an image is NaN or inf (or its norm overflows float32); ``row``: its
+    index in the source handed to ``ShardImage.add``. The writer turns it into the store's
+    ``NonFiniteActivationsError``."""
+
+    def __init__(self, row: int):
+        super().__init__(row)
+        self.row = row
 
 
 class ShardImage:
-    """A shard's ``.npy`` file built in page-aligned memory: numpy's header, then the rows,
-    hashed as they are copied in (while they are still in the cache) and saved with one
-    unbuffered write, so nothing is copied into the page cache or read back. A writer makes
-    two and fills them in turn, shard after shard.
+    """A shard's ``.npy`` file built in page-aligned memory: numpy's header, then the rows.
+    Rows are cast into it once; each piece of the grid (``_PIECE_BYTES``) is then checked for
+    NaN and inf, hashed and summed while it is still in the cache, and the shard is saved with
+    one unbuffered write, so nothing is copied into the page cache or read back. A writer
+    fills images in turn, shard after shard.
 
-        image.start(rows); image.add(rows_ND) ...; sha256 = image.seal(); image.save(path)
-    """
+        image.start(rows); image.add(rows_ND) ...; sha256 = image.seal(); sums = image.sums(); image.save(path)
+
+    ``mark()`` and ``restore(mark)`` undo the rows added in between (a bad row later in a batch)."""
 
     def __init__(self, capacity: int, d_in: int, dtype: str):
         import mmap
@@ -105,6 +186,9 @@ class ShardImage:
         self.memory = _take_memory(-(-(self.header_bytes + capacity * self.row_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
         self.rows_ND = torch.frombuffer(self.memory, dtype=getattr(torch, dtype), count=capacity * d_in,
                                         offset=self.header_bytes).view(capacity, d_in)
+        self.norms_N = torch.empty(capacity)  # float32 norm of each row added
+        self.piece_rows = _piece_rows(self.row_bytes)
+        self._widened = None if dtype == "float32" else torch.empty(min(self.piece_rows, capacity), d_in)
         self.planned = self.filled = 0
 
     def start(self, rows: int) -> None:
@@ -114,19 +198,45 @@ class ShardImage:
         assert len(header) == self.header_bytes, f"npy header of {len(header)} bytes for {rows} rows"
         self.memory[: len(header)] = header
         self._digest = hashlib.sha256(header)
+        self._total_D = torch.zeros(self.d_in, dtype=torch.float64)
         self.planned, self.filled = rows, 0
 
-    def add(self, rows_ND: torch.Tensor) -> int:
-        """Copy as many of ``rows_ND`` [N, d_in] as the shard has room for; returns how many."""
-        take = min(len(rows_ND), self.planned - self.filled)
+    def mark(self):
+        """The state to go back to with ``restore``."""
+        return self.filled, self._digest.copy(), self._total_D.clone()
+
+    def restore(self, mark) -> None:
+        self.filled, self._digest, self._total_D = mark[0], mark[1].copy(), mark[2].clone()
+
+    def add(self, source: torch.Tensor, start: int = 0) -> int:
+        """Copy rows ``start:`` of ``source`` ([N, d_in], or [B, R, d_in] with rows along its
+        first two axes) into the shard, as many as it has room for, cast to its dtype; returns
+        how many. Raises ``NonFiniteRow`` for the first bad row, leaving ``filled`` as it was;
+        pieces before it may have been hashed and summed (``mark``/``restore`` undo that)."""
+        source_BRD = source.unsqueeze(0) if source.ndim == 2 else source
+        rows = source_BRD.shape[0] * source_BRD.shape[1]
+        take = min(rows - start, self.planned - self.filled)
+        lo, hi = self.filled, self.filled + take
+        _copy_rows(self.rows_ND[lo:hi], source_BRD.detach(), start, start + take)
         memory = memoryview(self.memory)
-        step = max(1, _HASH_BYTES // self.row_bytes)
-        for lo in range(0, take, step):  # hashed right after the copy, while in the L2 cache
-            hi = min(take, lo + step)
-            self.rows_ND[self.filled + lo : self.filled + hi].copy_(rows_ND[lo:hi])
-            start = self.header_bytes + (self.filled + lo) * self.row_bytes
-            self._digest.update(memory[start : start + (hi - lo) * self.row_bytes])
-        self.filled += take
+        step = self.piece_rows
+        while lo < hi:
+            piece_lo = lo // step * step
+            piece_hi = min(piece_lo + step, self.planned)
+            end = min(hi, piece_hi)
+            widened = _as_float32(self.rows_ND[lo:end], self._widened)
+            norms = _row_norms(widened, out=self.norms_N[lo:end])
+            if not bool(torch.isfinite(norms).all()):
+                bad = int((~torch.isfinite(norms)).nonzero()[0, 0])
+                raise NonFiniteRow(start + lo - self.filled + bad)
+            at = self.header_bytes + lo * self.row_bytes
+            self._digest.update(memory[at : at + (end - lo) * self.row_bytes])
+            if end == piece_hi:  # the piece is whole: its sum, on the grid _sums_of uses
+                if lo != piece_lo:  # its first rows came in an earlier call
+                    widened = _as_float32(self.rows_ND[piece_lo:end], self._widened)
+                self._total_D += _column_sum(widened)
+            lo = end
+        self.filled = hi
         return take
 
     @property
@@ -136,11 +246,18 @@ class ShardImage:
     def seal(self) -> str:
         """The sha256 of the file the rows added so far make."""
         if self.filled != self.planned:  # closed early: the header for fewer rows, then all rows hashed afresh
-            rows = self.filled
+            rows, total_D = self.filled, self._total_D
             self.start(rows)
-            self.filled = rows
+            self.filled, self._total_D = rows, total_D
             self._digest.update(memoryview(self.memory)[self.header_bytes : self._size()])
+            piece_lo = rows // self.piece_rows * self.piece_rows
+            if piece_lo < rows:  # the last piece, cut short, was never whole: summed now
+                self._total_D += _column_sum(_as_float32(self.rows_ND[piece_lo:rows], self._widened))
         return self._digest.hexdigest()
+
+    def sums(self) -> tuple[np.ndarray, float, float]:
+        """The sealed shard's statistics, as ``_sums_of`` gives them for its rows."""
+        return _totals(self._total_D, self.norms_N[: self.filled])
 
     def save(self, path: Path) -> None:
         """Write the sealed shard as the ``.npy`` file ``path`` (atomically)."""
@@ -156,54 +273,10 @@ class ShardImage:
         _give_back(memory)
 
 
-# Rows are checked and summed in float32 blocks of about this many bytes: small enough to
-# stay in a core's L2 cache, so a float16 shard is read from memory once instead of being
-# widened into a float32 copy of twice its size first.
-_BLOCK_BYTES = 4 << 20
-
-
-def _float32_blocks(rows_ND: torch.Tensor):
-    """Consecutive blocks of ``rows_ND`` as float32 [<=block, d]: views of a float32 tensor,
-    else copies into one reused buffer (valid until the next block is taken)."""
-    n, d = rows_ND.shape
-    block = max(1, _BLOCK_BYTES // (4 * max(1, d)))
-    if rows_ND.dtype == torch.float32:
-        for lo in range(0, n, block):
-            yield rows_ND[lo : lo + block]
-        return
-    buffer = torch.empty(min(block, n), d)
-    for lo in range(0, n, block):
-        piece = rows_ND[lo : lo + block]
-        out = buffer[: len(piece)]
-        out.copy_(piece)
-        yield out
-
-
-def _row_norms(rows_ND: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each row [N], summed in float32 (no rescaling, so a row that holds a NaN or
-    inf, or whose squares overflow float32, gets a non-finite norm)."""
-    if len(rows_ND) == 0:
-        return torch.zeros(0)
-    return torch.cat([torch.linalg.vector_norm(block, dim=1) for block in _float32_blocks(rows_ND)])
-
-
-def _sums_of(rows_ND: torch.Tensor) -> tuple[np.ndarray, float, float]:
-    """(sum of rows [d_in] float64, sum of norms, sum of squared norms) of one shard. Every
-    statistic of a store comes from here, block by block in one fixed order, so one writer,
-    several ranks and a resumed store sum a shard to the same bits."""
-    total_D = torch.zeros(rows_ND.shape[1], dtype=torch.float64)
-    norms = []
-    for block in _float32_blocks(rows_ND):
-        total_D += (torch.ones(1, len(block)) @ block)[0]  # a matmul: far faster than sum(dim=0)
-        norms.append(torch.linalg.vector_norm(block, dim=1))
-    norms_N = torch.cat(norms).double() if norms else torch.zeros(0, dtype=torch.float64)
-    return total_D.numpy(), float(norms_N.sum()), float(norms_N.square().sum())
-
-
 def _check_finite(stored_ND: torch.Tensor, manifest: StoreManifest, first_row: int) -> None:
     """Refuse rows (already in the store's dtype) with their context and position if any
     value is NaN or inf; checked after the cast, so values that overflow float16 are caught."""
-    finite_N = torch.isfinite(_row_norms(stored_ND))
+    finite_N = torch.isfinite(_row_norms(stored_ND.float()))
     if not bool(finite_N.all()):
         bad = (~finite_N).nonzero()[:, 0]
         if bool(torch.isfinite(stored_ND[bad]).all()):  # finite values whose squares overflow float32
@@ -219,11 +292,17 @@ def _check_finite(stored_ND: torch.Tensor, manifest: StoreManifest, first_row: i
         )
 
 
-def _stored(acts_ND: torch.Tensor, manifest: StoreManifest, first_row: int) -> torch.Tensor:
-    """Rows cast to the store's dtype on the CPU (a new tensor), checked by ``_check_finite``."""
-    stored = acts_ND.detach().to("cpu", getattr(torch, manifest.dtype))
-    _check_finite(stored, manifest, first_row)
-    return stored
+def _in_dtype(source: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``source``'s rows as [N, d] in ``dtype`` on the CPU (a copy)."""
+    return source.detach().to("cpu", getattr(torch, dtype)).reshape(-1, source.shape[-1])
+
+
+def _refuse(source: torch.Tensor, start: int, manifest: StoreManifest, first_row: int, folder: Path):
+    """Raise the ``NonFiniteActivationsError`` for rows ``start:`` of ``source`` (store rows from
+    ``first_row``), once ``ShardImage.add`` met a bad row among them: ``_check_finite`` counts
+    every bad row of the call and names the first."""
+    _check_finite(_in_dtype(source, manifest.dtype)[start:], manifest, first_row)
+    raise StoreError(f"{folder}: a row was refused as non-finite, yet its values are finite; please report this")
 
 
 def _stats_of(store: "ActivationStore") -> tuple[list[float], float, float]:
@@ -268,12 +347,11 @@ class StoreWriter:
         self.start_row = self.manifest.n_rows
         self.next_row = self.start_row  # store row index of the next row handed to append
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-        self._in_flight: Future | None = None
-        self._images: list[ShardImage | None] = [None, None]  # shard images, used in turn
-        self._shards_handed = 0
+        self._in_flight: tuple[Future, ShardImage] | None = None  # the shard being written
+        self._images: list[ShardImage] = []  # every image this writer made
+        self._free: list[ShardImage] = []  # images no shard uses
         self._filling: ShardImage | None = None  # the shard being filled
         self._shard_start = self.start_row  # store row of the first row of the shard being filled
-        self._scratch: torch.Tensor | None = None  # cast rows of the last append
         self._sum = np.asarray(self.manifest.mean or np.zeros(manifest.d_in), dtype=np.float64) * self.start_row
         self._sum_norm = self.manifest.mean_norm * self.start_row
         self._sum_sq_norm = self.manifest.mean_sq_norm * self.start_row
@@ -353,7 +431,7 @@ class StoreWriter:
 
     def append(self, acts: torch.Tensor) -> None:
         """Add the next rows in store order: ``acts`` is [N, d_in], or [..., d_in] with rows
-        along the leading axes in order (a strided view is fine: the cast to the store's dtype
+        along the leading axes in order (a strided view is fine: the cast into the shard image
         is the one copy). Writes a shard whenever one fills. If any row is NaN or inf, raises
         ``NonFiniteActivationsError`` before any row of this call is buffered or written."""
         n = acts.shape[:-1].numel() if acts.ndim > 1 else 0
@@ -365,67 +443,80 @@ class StoreWriter:
                 "rows its token windows hold; a caller appended rows twice (a resumed writer starts at start_row: "
                 "seek(0) to append from the beginning)")
         skip = min(n, max(0, self.start_row - self.next_row))  # rows this store already has
-        self.next_row += n
+        first_row = self.next_row + skip
         if skip == n:
+            self.next_row += n
             return
-        if skip:  # a resumed store further ahead than the others: rare, a copy is fine
-            acts = acts.reshape(n, -1)[skip:]
-        stored_ND = self._cast(acts, n - skip)
-        _check_finite(stored_ND, self.manifest, self.next_row - n + skip)
-        self._place(stored_ND)
+        if acts.ndim > 3:  # rows along more than two axes: as [B, R, d_in] (a copy only if it must)
+            acts = acts.reshape(acts.shape[0], -1, acts.shape[-1])
+        try:
+            self._place(acts, skip)
+        except NonFiniteRow:
+            _refuse(acts, skip, self.manifest, first_row, self.folder)
+        self.next_row += n
 
-    def _cast(self, acts: torch.Tensor, n: int) -> torch.Tensor:
-        """``acts`` as [n, d_in] rows in the store's dtype on the CPU, in a scratch buffer that
-        the next call reuses (no fresh allocation per batch)."""
-        dtype = getattr(torch, self.manifest.dtype)
-        if acts.ndim == 2 and acts.dtype == dtype and acts.device.type == "cpu":
-            return acts.detach()  # already rows of the store's dtype: _place makes the copy
-        if self._scratch is None or len(self._scratch) < n:
-            self._scratch = torch.empty(n, self.manifest.d_in, dtype=dtype)
-        stored_ND = self._scratch[:n]
-        stored_ND.view(acts.shape).copy_(acts.detach())
-        return stored_ND
+    def _place(self, acts: torch.Tensor, at: int) -> None:
+        """Cast rows ``at:`` of ``acts`` into the shard being filled, and the next shards if they
+        fill; hand each full shard to the writer thread once every row of the call is checked
+        (a bad row puts every image back as it was before the call, and nothing is handed)."""
+        rows = acts.shape[0] * acts.shape[1] if acts.ndim == 3 else acts.shape[0]
+        first = self._filling
+        mark = first.mark() if first is not None else None
+        full: list[ShardImage] = []
+        try:
+            while at < rows:
+                if self._filling is None:
+                    self._filling = self._next_image(full)
+                at += self._filling.add(acts, at)
+                if self._filling.full:
+                    full.append(self._filling)
+                    self._filling = None
+        except NonFiniteRow:
+            for image in full + [self._filling]:
+                if image is not None and image is not first:
+                    self._free.append(image)
+            if first is not None:
+                first.restore(mark)
+            self._filling = first
+            raise
+        for image in full:
+            self._write_shard(image)
 
-    def _place(self, stored_ND: torch.Tensor) -> None:
-        """Copy checked rows into the shard being filled; hand each full shard to the writer thread."""
-        at = 0
-        while at < len(stored_ND):
-            if self._filling is None:
-                self._filling = self._next_image()
-            at += self._filling.add(stored_ND[at:])
-            if self._filling.full:
-                self._write_shard()
+    def _next_image(self, waiting: list[ShardImage]) -> ShardImage:
+        """An image for the next shard, started; ``waiting``: full shards of this call not yet
+        handed to the writer thread. An image is free again once its shard is on disk. Two
+        serve in turn (one filled while the other is written); more only while one call fills
+        several shards."""
+        start = self._shard_start + sum(image.filled for image in waiting)
+        rows = min(self.manifest.shard_rows, self.manifest.expected_rows - start)
+        if not self._free and self._in_flight is not None and len(self._images) >= 2 + len(waiting):
+            self._wait_for_writes()
+        if self._free:
+            image = self._free.pop()
+        else:  # rows only shrink from shard to shard: the first size serves every later shard
+            image = ShardImage(rows, self.manifest.d_in, self.manifest.dtype)
+            self._images.append(image)
+        image.start(rows)
+        return image
 
-    def _next_image(self) -> ShardImage:
-        """The image for the next shard, started. Shards alternate between two images: when a
-        shard is handed over, the write of the one before it has finished (``_write_shard``
-        waits), so its image is free."""
-        rows = min(self.manifest.shard_rows, self.manifest.expected_rows - self._shard_start)
-        slot = self._shards_handed % 2
-        if self._images[slot] is None:  # rows only shrink from shard to shard: the first size serves
-            self._images[slot] = ShardImage(rows, self.manifest.d_in, self.manifest.dtype)
-        self._images[slot].start(rows)
-        return self._images[slot]
-
-    def _write_shard(self) -> None:
-        image = self._filling
-        # Checksum (as rows arrive) and statistics here, between forward passes: run beside
-        # them in the writer thread, they cost the forward pass twice their own time, as its
-        # OpenMP threads wait at every op for the one that shares a core with the writer. The
-        # disk write, mostly waiting, overlaps the next forward pass; one shard in flight at
+    def _write_shard(self, image: ShardImage) -> None:
+        # Checksum and statistics (as rows arrive) and sealing here, between forward passes: run
+        # beside them in the writer thread, they cost the forward pass twice their own time, as
+        # its OpenMP threads wait at every op for the one that shares a core with the writer.
+        # The disk write, mostly waiting, overlaps the next forward pass; one shard in flight at
         # a time keeps memory bounded and the manifest in shard order.
         sha256 = image.seal()
-        sums = _sums_of(image.rows_ND[: image.filled])
+        sums = image.sums()
         self._wait_for_writes()
-        self._in_flight = self._executor.submit(self._persist, image, sha256, sums)
-        self._shards_handed += 1
+        self._in_flight = (self._executor.submit(self._persist, image, sha256, sums), image)
         self._shard_start += image.filled
-        self._filling = None
 
     def _wait_for_writes(self) -> None:
         if self._in_flight is not None:
-            self._in_flight.result()  # re-raises an error of the writing thread
+            future, image = self._in_flight
             self._in_flight = None
+            future.result()  # re-raises an error of the writing thread
+            self._free.append(image)
 
     def _persist(self, image: ShardImage, sha256: str, sums) -> None:
         index = len(self.manifest.shards)
@@ -455,7 +546,8 @@ class StoreWriter:
     def close(self) -> ActivationStore:
         """Write the last, possibly short, shard; mark the store complete if every row is in."""
         if self._filling is not None and self._filling.filled:
-            self._write_shard()
+            self._write_shard(self._filling)
+        self._filling = None
         self._wait_for_writes()
         self._executor.shutdown()
         self._release_images()
@@ -475,10 +567,9 @@ class StoreWriter:
 
     def _release_images(self) -> None:
         """Hand the shard images' memory on (``_give_back``); only once no write uses them."""
-        images, self._images = self._images, [None, None]
+        images, self._images, self._free = self._images, [], []
         for image in images:
-            if image is not None:
-                image.release()
+            image.release()
 
 
 # -- several ranks, one store ---------------------------------------------------------------
@@ -523,7 +614,7 @@ class ShardBlockWriter:
         self.lo = first * manifest.shard_rows
         self.hi = min(stop * manifest.shard_rows, manifest.expected_rows)
         self.next_row = self.lo
-        self._pending: list[torch.Tensor] = []
+        self._image: ShardImage | None = None  # the shard being filled
 
     def _shard_of(self, row: int) -> int:
         return row // self.manifest.shard_rows
@@ -541,38 +632,45 @@ class ShardBlockWriter:
                 raise StoreError(f"{self.folder}: rows {self.next_row}..{row - 1} were skipped but are not written yet")
             self.next_row = row
 
-    def append(self, acts_ND: torch.Tensor, first_row: int) -> None:
+    def append(self, acts: torch.Tensor, first_row: int) -> None:
+        """Rows from store row ``first_row`` on: ``acts`` is [N, d_in], or [B, R, d_in] with
+        rows along its first two axes (a strided view is fine)."""
         if first_row > self.next_row and self.next_row < self.hi:
             raise StoreError(f"{self.folder}: rows {self.next_row}..{first_row - 1} are missing (rows must come in order)")
-        lo, hi = max(first_row, self.next_row), min(first_row + len(acts_ND), self.hi)
+        rows = acts.shape[0] * acts.shape[1] if acts.ndim == 3 else len(acts)
+        lo, hi = max(first_row, self.next_row), min(first_row + rows, self.hi)
         while lo < hi:  # shard by shard: rows of finished shards are dropped
             index = self._shard_of(lo)
-            end = min(hi, (index + 1) * self.manifest.shard_rows)
+            shard_lo = index * self.manifest.shard_rows
+            shard_hi = min(shard_lo + self.manifest.shard_rows, self.manifest.expected_rows)
+            end = min(hi, shard_hi)
             if index not in self.done:
-                self._pending.append(_stored(acts_ND[lo - first_row : end - first_row], self.manifest, lo))
+                if self._image is None:
+                    self._image = ShardImage(shard_hi - shard_lo, self.manifest.d_in, self.manifest.dtype)
+                    self._image.start(shard_hi - shard_lo)
+                try:
+                    self._image.add(acts, lo - first_row)
+                except NonFiniteRow:
+                    _refuse(acts, lo - first_row, self.manifest, lo, self.folder)
             self.next_row = lo = end
-            if end == min((index + 1) * self.manifest.shard_rows, self.manifest.expected_rows):
+            if end == shard_hi:
                 self._close_shard(index)
 
     def _close_shard(self, index: int) -> None:
-        if index in self.done or not self._pending:
-            self._pending = []
+        image, self._image = self._image, None
+        if image is None:
             return
-        shard_ND = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending = []
-        path = self.folder / shard_file(index)
-        image = ShardImage(len(shard_ND), self.manifest.d_in, self.manifest.dtype)  # the one way shards are written
-        image.start(len(shard_ND))
-        image.add(shard_ND)
-        sha256 = image.seal()
-        image.save(path)
+        if index not in self.done:
+            path = self.folder / shard_file(index)
+            sha256 = image.seal()
+            image.save(path)
+            total, total_norm, total_sq = image.sums()
+            record = {"file": path.name, "rows": image.filled, "sha256": sha256, "sum": total.tolist(),
+                      "sum_norm": total_norm, "sum_sq_norm": total_sq}
+            text = json.dumps(record)  # after the shard: a record always describes a whole file
+            write_atomic(path.with_suffix(RECORD_SUFFIX), lambda tmp: tmp.write_text(text))
+            self.done.add(index)
         image.release()
-        total, total_norm, total_sq = _sums_of(shard_ND)
-        record = {"file": path.name, "rows": len(shard_ND), "sha256": sha256, "sum": total.tolist(),
-                  "sum_norm": total_norm, "sum_sq_norm": total_sq}
-        text = json.dumps(record)  # after the shard: a record always describes a whole file
-        write_atomic(path.with_suffix(RECORD_SUFFIX), lambda tmp: tmp.write_text(text))
-        self.done.add(index)
 
     @property
     def finished(self) -> bool:

@@ -399,7 +399,7 @@ def test_statistics_summed_block_by_block_match_float64(monkeypatch):
     from saelib import store_writer
 
     rows_ND = (torch.randn(1000, 24, generator=torch.Generator().manual_seed(3)) * 5 + 2).half()
-    monkeypatch.setattr(store_writer, "_BLOCK_BYTES", 24 * 4 * 37)  # blocks of 37 rows, the last one short
+    monkeypatch.setattr(store_writer, "_PIECE_BYTES", 24 * 2 * 37)  # pieces of 37 float16 rows, the last one short
     total_D, total_norm, total_sq = store_writer._sums_of(rows_ND)
     reference = rows_ND.double()
     assert np.allclose(total_D, reference.sum(0).numpy(), rtol=1e-6)
@@ -435,3 +435,61 @@ def test_a_bad_row_leaves_its_whole_batch_unwritten_across_a_shard_boundary(tmp_
         write_store(tmp_path / "s", bad, n_contexts=10, append_rows=5)
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["shards"] == []
+
+
+def _folder_files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_refused_batch_leaves_the_writer_as_it_was(tmp_path, acts_ND, dtype):
+    # Rows are cast into the shard images, hashed and summed before the whole batch is checked;
+    # a bad row late in a batch that fills several shards must undo all of that, so that the
+    # good batch appended after it gives the store a clean run writes, byte for byte.
+    clean = write_store(tmp_path / "clean", acts_ND, n_contexts=10, shard_rows=4, dtype=dtype, append_rows=3)
+    contexts = np.arange(10 * CONTEXT_LEN, dtype=np.int32).reshape(10, CONTEXT_LEN)
+    writer = StoreWriter(tmp_path / "s", make_manifest(10, 4, dtype), contexts)
+    writer.append(acts_ND[:3])  # one row into shard 0 is left buffered
+    bad = acts_ND[3:30].clone()
+    bad[-1, 0] = float("nan")  # the batch would fill shards 0..6 (rows 3..29)
+    with pytest.raises(NonFiniteActivationsError, match="1 activation vectors.*context 7, position 2"):
+        writer.append(bad)
+    assert writer.next_row == 3
+    for lo in range(3, 40, 3):
+        writer.append(acts_ND[lo : lo + 3])
+    writer.close()
+    assert _folder_files(tmp_path / "s") == _folder_files(clean.folder)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("d_in", [1, 7, 64])
+def test_image_statistics_are_those_of_the_shard_to_the_bit(monkeypatch, dtype, d_in):
+    # One writer sums a shard piece by piece as rows arrive in batches of any size; several
+    # ranks and a resumed store sum the shard's file with _sums_of. The two must agree exactly.
+    import hashlib
+    import io
+
+    from saelib import store_writer
+    from saelib.store_writer import ShardImage
+
+    generator = torch.Generator().manual_seed(d_in)
+    rows_ND = (torch.randn(301, d_in, generator=generator) * 4 + 1).to(getattr(torch, dtype))
+    monkeypatch.setattr(store_writer, "_PIECE_BYTES", 13 * d_in * rows_ND.element_size())  # pieces of 13 rows
+    image = ShardImage(301, d_in, dtype)
+    for rows in (301, 290, 169):  # full, closed early mid-piece, closed early at a piece's end (13 * 13)
+        image.start(301)
+        at = 0
+        while at < rows:  # batches of 1 to 40 rows, not aligned with the pieces
+            step = min(rows - at, int(torch.randint(1, 41, (1,), generator=generator)))
+            image.add(rows_ND[at : at + step])
+            at += step
+        sha256 = image.seal()
+        expected = io.BytesIO()
+        np.save(expected, rows_ND[:rows].numpy())
+        assert sha256 == hashlib.sha256(expected.getvalue()).hexdigest()
+        total_D, norm, sq = image.sums()
+        ref_D, ref_norm, ref_sq = store_writer._sums_of(rows_ND[:rows])
+        assert total_D.tobytes() == ref_D.tobytes() and (norm, sq) == (ref_norm, ref_sq)
+        reference = rows_ND[:rows].double()
+        assert np.allclose(total_D, reference.sum(0).numpy(), rtol=1e-5, atol=1e-9)
+    image.release()
