@@ -92,6 +92,29 @@ class TrainOutput(NamedTuple):
     """Sum of latent activations per row, averaged (with autograd for L1-penalised kinds)."""
 
 
+def top_k_rows(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pre_BF.topk(k, dim=-1)``: (values_BK, indices_BK), values descending, on a CPU in two
+    smaller rankings. The latents are dealt into ``F / g`` strided groups (latent j joins
+    j mod F/g) and the k groups with the largest maxima keep their g latents as candidates:
+    every one of the k largest values lies in one of them (fewer than k other values exceed
+    it, so fewer than k groups have a larger maximum than its group), so the top k of the
+    candidates are the top k of the row, as a set of values; among equal values at the k-th
+    place another index may be chosen. ``torch.topk`` copies each row into (value, index)
+    pairs before partitioning it: at 512 x 4096 (k 32) it took 2.9 ms against 2.1 ms this
+    way, at 512 x 16384 (k 64) 9.2 against 5.3 (issue 20's Xeon). Elsewhere (a GPU, or too
+    few latents for groups to pay) it is ``torch.topk``."""
+    F = pre_BF.shape[-1]
+    g = next((g for g in (16, 8) if F % g == 0 and F // g >= 4 * k), None)
+    if g is None or pre_BF.device.type != "cpu" or pre_BF.ndim != 2:
+        return pre_BF.topk(k, dim=-1)
+    B, G = pre_BF.shape[0], F // g
+    strided_BgG = pre_BF.reshape(B, g, G)  # [b, t, j] is latent t * G + j
+    groups_BK = strided_BgG.amax(1).topk(k, dim=-1, sorted=False).indices
+    candidates_BgK = strided_BgG.gather(2, groups_BK.unsqueeze(1).expand(B, g, k))
+    values_BK, at_BK = candidates_BgK.reshape(B, g * k).topk(k, dim=-1)
+    return values_BK, groups_BK.gather(1, at_BK % k) + (at_BK // k) * G
+
+
 def top_dead(pre_BF: torch.Tensor, dead_F: torch.Tensor | None, aux_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(values, latents) [B, min(aux_k, dead)] of each row's largest pre-activations among the
     latents ``dead_F`` marks; None when there are none to pick (no AuxK this step)."""
@@ -303,7 +326,7 @@ class TopKSAE(SparseAutoencoder):
         for start in range(0, B, self.block_rows):
             rows = slice(start, min(start + self.block_rows, B))
             pre = torch.addmm(b_enc_F, inputs_BD[rows], W_enc_DF, out=block[: rows.stop - start])
-            torch.topk(pre, self.cfg.k, dim=-1, out=(values_BK[rows], indices_BK[rows]))
+            values_BK[rows], indices_BK[rows] = top_k_rows(pre, self.cfg.k)
             if n_aux:
                 dead_values_BK[rows], dead_indices_BK[rows] = pick_dead(pre)
         if dtype != torch.float32:

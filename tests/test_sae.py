@@ -352,3 +352,18 @@ def test_rows_already_sorted_by_latent_build_the_same_code_without_a_sort(monkey
     assert sorts == []
     assert torch.equal(again.latent_N, code.latent_N) and torch.equal(again.row_N, code.row_N)
     assert torch.equal(again.crow_B1, code.crow_B1) and torch.equal(values_again_N, values_N)
+
+
+@pytest.mark.parametrize("shape, k", [((512, 4096), 32), ((9, 16384), 64), ((5, 256), 4), ((3, 100), 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_rows_agrees_with_torch_topk(shape, k, dtype):
+    from saelib.sae import top_k_rows
+
+    generator = torch.Generator().manual_seed(shape[1])
+    for pre_BF in (torch.randn(shape, generator=generator).to(dtype),
+                   torch.randint(-20, 20, shape, generator=generator).to(dtype)):  # many ties
+        values_BK, indices_BK = top_k_rows(pre_BF, k)
+        expected = pre_BF.topk(k, dim=-1)
+        assert torch.equal(values_BK, expected.values)  # the same values, in the same (descending) order
+        assert torch.equal(pre_BF.gather(1, indices_BK), values_BK)  # each index holds its value
+        assert bool((indices_BK.sort(1).values.diff(dim=1) > 0).all())  # k distinct latents
