@@ -179,7 +179,8 @@ LOCK_FILE = ".writer.lock"
 def acquire_lock(folder: Path, what: str = "folder") -> Path:
     """Make this process the only writer of ``folder``: create ``.writer.lock`` (exclusively)
     holding our pid and host. A lock whose process is gone (same host, pid not running) is
-    stale and taken over; one of a live process raises ``FolderLockedError`` naming it. A
+    stale and taken over, by one process however many find it at once (``_remove_stale``);
+    one of a live process raises ``FolderLockedError`` naming it. A
     lock of this very process (an earlier writer that failed in a notebook) is taken over.
 
     The lock appears with its content already in it: written to a temporary file first, then
@@ -194,14 +195,16 @@ def acquire_lock(folder: Path, what: str = "folder") -> Path:
     tmp = folder / f"{LOCK_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(me))
     try:
-        for _ in range(3):
+        for _ in range(50):
             try:
                 _create_exclusively(path, tmp)
                 return path
             except FileExistsError:
                 pass
+            text = None
             try:
-                owner = json.loads(path.read_text() or "{}")
+                text = path.read_text()
+                owner = json.loads(text or "{}")
             except FileNotFoundError:
                 continue  # released this instant: try again
             except (OSError, ValueError):
@@ -209,11 +212,9 @@ def acquire_lock(folder: Path, what: str = "folder") -> Path:
             pid, host = owner.get("pid"), owner.get("host")
             if pid == me["pid"] and host == me["host"]:
                 return path
-            if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
-                path.unlink(missing_ok=True)  # stale: its writer was killed
-                continue
-            if not owner and time.time() - path.stat().st_mtime > 60:
-                path.unlink(missing_ok=True)  # an empty lock older than a minute: its writer died mid-write
+            dead = isinstance(pid, int) and host == me["host"] and not _pid_alive(pid)  # its writer was killed
+            if dead or (not owner and time.time() - path.stat().st_mtime > 60):  # or died mid-write
+                _remove_stale(path, text)
                 continue
             holder = (f"process {pid} on {host} (since {owner.get('since', '?')})" if owner
                       else "a process whose lock file is damaged or being written this instant")
@@ -223,6 +224,35 @@ def acquire_lock(folder: Path, what: str = "folder") -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     raise FolderLockedError(f"could not take the writer lock {path}: delete it if no other process writes {folder}")
+
+
+def _remove_stale(path: Path, text: str | None) -> None:
+    """Delete the lock ``path`` judged stale while it held ``text``, unless it has changed since.
+    Two processes can judge one stale lock at once; the slower, still judging when the faster
+    has removed it and taken the folder, must not delete the faster one's fresh lock. So the
+    lock is read again and deleted under a short-lived second lock (``.takeover``), which
+    only one process at a time can hold; a takeover lock left by a process killed in those
+    few microseconds is cleared after ten seconds."""
+    import time
+
+    takeover = path.with_name(path.name + ".takeover")
+    try:
+        os.close(os.open(takeover, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        try:
+            if time.time() - takeover.stat().st_mtime > 10:
+                takeover.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)  # another process is taking over: look at the lock again after it
+        return
+    try:
+        if path.read_text() == text:
+            path.unlink()
+    except OSError:
+        pass  # gone already, or unreadable: the caller looks again, and in the end names the lock to delete
+    finally:
+        takeover.unlink(missing_ok=True)
 
 
 def _create_exclusively(path: Path, written: Path) -> None:

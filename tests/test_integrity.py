@@ -228,3 +228,48 @@ def test_two_harvests_into_one_folder_at_once_never_mix(tmp_path):
     assert "Traceback" not in refused
     store = ActivationStore(next(tmp_path.rglob("manifest.json")).parent, verify="full")
     assert store.manifest.complete and len(store.contexts()) == store.manifest.n_contexts  # contexts verified too
+
+
+STALE_LOCK_TAKER = """
+import json, os, sys, time
+from pathlib import Path
+import saelib.files as files
+folder, delay, log = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
+judge = files._pid_alive
+def slow_judge(pid):  # this process is descheduled while it judges the stale lock
+    alive = judge(pid)
+    time.sleep(delay)
+    return alive
+files._pid_alive = slow_judge
+try:
+    lock = files.acquire_lock(folder)
+except files.FolderLockedError:
+    print("refused")
+    sys.exit(0)
+held_from = time.time()
+time.sleep(2.5)
+print("held", held_from, time.time())
+files.release_lock(lock)
+"""
+
+
+def test_two_processes_taking_over_one_stale_lock_never_both_hold_it(tmp_path):
+    # Both find the lock of a killed writer. The slower one judged it stale before the faster
+    # took it over; it must not then delete the faster one's fresh lock and take it as well.
+    import socket
+
+    from saelib.files import LOCK_FILE
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    slow = subprocess.Popen([sys.executable, "-c", STALE_LOCK_TAKER, str(tmp_path), "1.0", "-"],
+                            stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # the slow one has read the stale lock and is judging it
+    fast = subprocess.Popen([sys.executable, "-c", STALE_LOCK_TAKER, str(tmp_path), "0", "-"],
+                            stdout=subprocess.PIPE, text=True)
+    outcomes = [run.communicate(timeout=60)[0].split() for run in (slow, fast)]
+    held = sorted((float(out[1]), float(out[2])) for out in outcomes if out[0] == "held")
+    assert len(held) >= 1
+    assert all(later[0] >= earlier[1] for earlier, later in zip(held, held[1:])), outcomes  # never at once
+    assert not (tmp_path / LOCK_FILE).exists()
