@@ -103,8 +103,8 @@ def top_k_rows(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     pairs before partitioning it: at 512 x 4096 (k 32) it took 2.9 ms against 2.1 ms this
     way, at 512 x 16384 (k 64) 9.2 against 5.3 (issue 20's Xeon). Elsewhere it is
     ``torch.topk``: on a GPU, for rows too narrow for groups to pay, and in bf16 or float16,
-    where equal values at the k-th place are common (8 bits of mantissa) and the other
-    choice among them changed which SAE training gives (notebook 05's smoke run then picked
+    where equal values at the k-th place are common (8 bits of mantissa) and another choice
+    among them changes the SAE that training gives (notebook 05's smoke run then picked
     another "code feature"). In float32 such ties are rare, so the result is ``torch.topk``'s."""
     F = pre_BF.shape[-1]
     g = next((g for g in (16, 8) if F % g == 0 and F // g >= 4 * k), None)
