@@ -231,10 +231,10 @@ def test_two_harvests_into_one_folder_at_once_never_mix(tmp_path):
 
 
 STALE_LOCK_TAKER = """
-import json, os, sys, time
+import sys, time
 from pathlib import Path
 import saelib.files as files
-folder, delay, log = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
+folder, delay = Path(sys.argv[1]), float(sys.argv[2])
 judge = files._pid_alive
 def slow_judge(pid):  # this process is descheduled while it judges the stale lock
     alive = judge(pid)
@@ -263,10 +263,13 @@ def test_two_processes_taking_over_one_stale_lock_never_both_hold_it(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
-    slow = subprocess.Popen([sys.executable, "-c", STALE_LOCK_TAKER, str(tmp_path), "1.0", "-"],
+    # The slow one starts first and spends 1 s judging the lock it read; the fast one, started
+    # 0.3 s later, judges at once, so it takes the lock over while the slow one still judges
+    # (before the fix the slow one then deleted the fresh lock: both held the folder, 3 of 3 runs).
+    slow = subprocess.Popen([sys.executable, "-c", STALE_LOCK_TAKER, str(tmp_path), "1.0"],
                             stdout=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # the slow one has read the stale lock and is judging it
-    fast = subprocess.Popen([sys.executable, "-c", STALE_LOCK_TAKER, str(tmp_path), "0", "-"],
+    time.sleep(0.3)
+    fast = subprocess.Popen([sys.executable, "-c", STALE_LOCK_TAKER, str(tmp_path), "0"],
                             stdout=subprocess.PIPE, text=True)
     outcomes = [run.communicate(timeout=60)[0].split() for run in (slow, fast)]
     held = sorted((float(out[1]), float(out[2])) for out in outcomes if out[0] == "held")
