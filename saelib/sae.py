@@ -102,13 +102,14 @@ def top_k_rows(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     place another index may be chosen. ``torch.topk`` copies each row into (value, index)
     pairs before partitioning it: at 512 x 4096 (k 32) it took 2.9 ms against 2.1 ms this
     way, at 512 x 16384 (k 64) 9.2 against 5.3 (issue 20's Xeon). Elsewhere it is
-    ``torch.topk``: on a GPU, for rows too narrow for groups to pay, and in bf16 or float16,
-    where equal values at the k-th place are common (8 bits of mantissa) and another choice
-    among them changes the SAE that training gives (notebook 05's smoke run then picked
-    another "code feature"). In float32 such ties are rare, so the result is ``torch.topk``'s."""
+    ``torch.topk``: on a GPU and for rows too narrow for groups to pay.
+    In float32 ties are rare, so the latents are ``torch.topk``'s. In bf16 (8 bits of
+    mantissa) equal values at the k-th place are common and the two may choose different
+    latents among them; either choice is as good (equal FVU after training), but the SAE
+    differs in detail, as it does with any change to training."""
     F = pre_BF.shape[-1]
     g = next((g for g in (16, 8) if F % g == 0 and F // g >= 4 * k), None)
-    if g is None or pre_BF.device.type != "cpu" or pre_BF.ndim != 2 or pre_BF.dtype not in (torch.float32, torch.float64):
+    if g is None or pre_BF.device.type != "cpu" or pre_BF.ndim != 2 or not pre_BF.dtype.is_floating_point:
         return pre_BF.topk(k, dim=-1)
     B, G = pre_BF.shape[0], F // g
     strided_BgG = pre_BF.reshape(B, g, G)  # [b, t, j] is latent t * G + j
