@@ -228,7 +228,7 @@ def toy_pool(d_in: int, k: int, steps: int):
 # as a sort.
 STEP_PARTS = {
     "dense matmuls (addmm, mm)": ("aten::addmm", "aten::mm"),
-    "top-k selection": ("aten::topk",),
+    "top-k selection": ("aten::topk", "saelib.top_k_rows"),
     "sorts (the code's CSR layout)": ("aten::sort", "aten::argsort"),
     "sparse products": ("aten::_sparse", "aten::sparse", "aten::embedding_bag", "aten::_embedding_bag",
                         "aten::index_add"),
@@ -248,9 +248,18 @@ def step_part(event) -> str:
 
 def profile_step(args) -> None:
     """``--profile``: self time per step of each part of a saelib TopK step, per shape."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
+    import saelib.sae
     from saelib.train import SAETrainer
+
+    top_k_rows = saelib.sae.top_k_rows
+
+    def labelled_top_k_rows(pre_BF, k):  # its ranking of group maxima and gathers count as top-k too
+        with record_function("saelib.top_k_rows"):
+            return top_k_rows(pre_BF, k)
+
+    saelib.sae.top_k_rows = labelled_top_k_rows
 
     for shape in args.shapes:
         d_in, d_sae, k = (int(v) for v in shape.split(","))

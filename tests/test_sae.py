@@ -201,15 +201,20 @@ def test_sparse_ops_pass_gradcheck(layout):
     assert torch.autograd.gradcheck(encode, (b_dec, W_enc, b_enc))
 
 
-def test_remove_parallel_grad_and_unit_norm():
-    sae = make_sae(SAEConfig(d_in=D, d_sae=32, architecture="relu"))
+@pytest.mark.parametrize("d_in, d_sae", [(D, 32), (512, 1200)])  # one block of rows; three, the last short
+def test_remove_parallel_grad_and_unit_norm(d_in, d_sae):
+    sae = make_sae(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="relu"))
     with torch.no_grad():
-        sae.W_dec.mul_(3.0)
-    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+        sae.W_dec.mul_(torch.rand(d_sae, 1) * 3 + 0.5)  # rows of different norms
+    grad = torch.randn_like(sae.W_dec)
+    sae.W_dec.grad = grad.clone()
     sae.remove_parallel_grad_()
-    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-4
+    W = sae.W_dec.detach().double()
+    expected = grad.double() - ((grad.double() * W).sum(1, keepdim=True) / W.square().sum(1, keepdim=True)) * W
+    torch.testing.assert_close(sae.W_dec.grad.double(), expected, rtol=1e-5, atol=1e-5)
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-3
     sae.unit_norm_decoder_()
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(d_sae))
 
 
 @pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk"])

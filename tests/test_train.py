@@ -298,6 +298,11 @@ def test_bf16_selection_keeps_fp32_values_and_the_fp32_result():
     # bf16 may swap latents near the cut-off only: the k-th fp32 value is within bf16 rounding.
     kth = pre.topk(4, dim=-1).values[:, -1]
     assert (values.min(-1).values >= kth - 0.02 * pre.abs().max()).all()
+    # the values come from W_enc as it is now, not from the copy of the call before
+    with torch.no_grad():
+        sae.W_enc.mul_(2.0)
+    (values, indices), _ = sae.select_by_blocks(x)
+    torch.testing.assert_close(values, sae.pre_acts(x).detach().gather(1, indices), rtol=1e-6, atol=1e-6)
 
     toy = ToyData(ToyConfig(d=32, n_features=64, avg_active=4, seed=1))
     held_out = toy.sample(2048, torch.Generator().manual_seed(9))[0]
