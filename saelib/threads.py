@@ -30,10 +30,10 @@ class ThreadGovernor:
 
     ``slowdown``: a step this many times slower than the quiet baseline (the fastest median
     of ``window`` steps seen at full thread count) starts a trial of fewer threads.
-    ``trial_steps`` steps measure each setting (their median decides); a first step on fewer
-    threads ``give_up`` times slower than the latest step on full threads ends that setting's
-    measurement at once (on a quiet machine the up-front trial then costs one slow step, not
-    ``trial_steps``). ``restore()`` puts back the thread count found at construction."""
+    ``trial_steps`` steps measure each setting (their median decides); a first step on either
+    setting ``give_up`` times slower than the latest step on the other ends that setting's
+    measurement at once (the up-front trial then costs one slow step, not ``trial_steps``:
+    on fewer threads on a quiet machine, on full threads on a busy one). ``restore()`` puts back the thread count found at construction."""
 
     def __init__(self, window: int = 5, trial_steps: int = 3, slowdown: float = 1.4, recheck_every: int = 50,
                  warmup_steps: int = 2, give_up: float = 1.5):
@@ -42,6 +42,7 @@ class ThreadGovernor:
         self.window, self.trial_steps, self.slowdown = window, trial_steps, slowdown
         self.recheck_every, self.warmup_steps, self.give_up = recheck_every, warmup_steps, give_up
         self.last_full: float | None = None  # the latest step time seen on full threads
+        self.last_reduced: float | None = None  # ... and on fewer threads
         self.current = self.full
         self.baseline: float | None = None  # quiet median step time at full threads
         self.recent: list[float] = []
@@ -74,8 +75,11 @@ class ThreadGovernor:
     def step_done(self, seconds: float) -> None:
         """Record one step's wall time and adjust the thread count for the next."""
         self.seen += 1
+        other = self.last_reduced if self.current == self.full else self.last_full  # before this step
         if self.current == self.full:
             self.last_full = seconds
+        else:
+            self.last_reduced = seconds
         if not self.active or self.seen <= self.warmup_steps:
             return
         if self.seen == self.warmup_steps + 1 and self.trial is None:
@@ -85,9 +89,9 @@ class ThreadGovernor:
             return
         if self.trial is not None:
             self.trial[self.current].append(seconds)
-            if (self.current == self.reduced and len(self.trial[self.current]) == 1 and self.last_full is not None
-                    and seconds > self.give_up * self.last_full):
-                # far slower than full threads just were: a quiet machine; one such step is enough
+            if len(self.trial[self.current]) == 1 and other is not None and seconds > self.give_up * other:
+                # far slower than the other setting just was (fewer threads on a quiet machine,
+                # full threads on a busy one, where a step took 4x as long): one such step is enough
                 self.trial[self.current] *= self.trial_steps
             if len(self.trial[self.current]) < self.trial_steps:
                 return

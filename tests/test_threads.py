@@ -46,6 +46,9 @@ def test_a_machine_busy_from_the_start_is_found_by_the_first_trial(two_threads):
     governor = ThreadGovernor()
     used = run(governor, 100, loaded=True)
     assert used[:2] == [2, 2] and used[-80:].count(1) >= 75
+    # three slow steps before the trial (two of warm-up, one that starts it), three on one
+    # thread, then the full-thread side is cut short after one step twice as slow
+    assert used[:20] == [2, 2, 2, 1, 1, 1, 2] + [1] * 13
 
 
 def test_thread_count_changes_speed_not_results():
