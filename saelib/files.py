@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -187,7 +188,6 @@ def acquire_lock(folder: Path, what: str = "folder") -> Path:
     hard-linked to the lock's name, which fails if a lock is there. Created empty and then
     written, another process could read it in between and could not say whose it was."""
     import socket
-    import time
 
     folder = Path(folder)
     path = folder / LOCK_FILE
@@ -233,8 +233,6 @@ def _remove_stale(path: Path, text: str | None) -> None:
     lock is read again and deleted under a short-lived second lock (``.takeover``), which
     only one process at a time can hold; a takeover lock left by a process killed in those
     few microseconds is cleared after ten seconds."""
-    import time
-
     takeover = path.with_name(path.name + ".takeover")
     try:
         os.close(os.open(takeover, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))

@@ -353,7 +353,7 @@ class TopKSAE(SparseAutoencoder):
         into the kept buffer, at 512 x 16384)."""
         W_enc = self.W_enc.detach()
         buffer = self.__dict__.get("_W_enc_FD")
-        if buffer is None or buffer.shape != W_enc.T.shape or buffer.dtype != W_enc.dtype or buffer.device != W_enc.device:
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (W_enc.T.shape, W_enc.dtype, W_enc.device):
             buffer = torch.empty(W_enc.T.shape, dtype=W_enc.dtype, device=W_enc.device)
             self.__dict__["_W_enc_FD"] = buffer  # a plain attribute: not a parameter, not saved
         return buffer.copy_(W_enc.T)

@@ -33,7 +33,8 @@ class ThreadGovernor:
     ``trial_steps`` steps measure each setting (their median decides); a first step on either
     setting ``give_up`` times slower than the latest step on the other ends that setting's
     measurement at once (the up-front trial then costs one slow step, not ``trial_steps``:
-    on fewer threads on a quiet machine, on full threads on a busy one). ``restore()`` puts back the thread count found at construction."""
+    on fewer threads on a quiet machine, on full threads on a busy one). ``restore()`` puts
+    back the thread count found at construction."""
 
     def __init__(self, window: int = 5, trial_steps: int = 3, slowdown: float = 1.4, recheck_every: int = 50,
                  warmup_steps: int = 2, give_up: float = 1.5):
