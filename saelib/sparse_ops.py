@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import spare
+
 # torch flags CSR tensors as beta on every construction; the products used here are stable.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -86,12 +88,19 @@ class SparseCode:
 
 
 def scatter_outer(code: SparseCode, weights_N: torch.Tensor, rows_BD: torch.Tensor) -> torch.Tensor:
-    """``out[f] = sum over entries n of latent f of weights[n] * rows[row[n]]``: [n_latents, D]."""
+    """``out[f] = sum over entries n of latent f of weights[n] * rows[row[n]]``: [n_latents, D].
+    On a CPU the product is written into a ``saelib.spare`` tensor (``addmm`` with beta 0
+    writes every row, those of latents without entries too, and reads none): at 16384 x 512
+    that took 9 ms where ``torch.sparse.mm`` took 23, zero-filling fresh memory and copying
+    its result once more."""
     order, crow = code.by_latent
     values = weights_N[order].to(rows_BD.dtype)
     matrix = torch.sparse_csr_tensor(crow, code.row_N[order], values, size=(code.n_latents, rows_BD.shape[0]),
                                      check_invariants=False)
-    return torch.sparse.mm(matrix, rows_BD)
+    if rows_BD.device.type != "cpu":
+        return torch.sparse.mm(matrix, rows_BD)
+    out = spare.empty((code.n_latents, rows_BD.shape[1]), rows_BD.dtype, rows_BD.device)
+    return torch.addmm(out, matrix, rows_BD, beta=0, out=out)
 
 
 def gather_dot(rows_BD: torch.Tensor, table_FD: torch.Tensor, code: SparseCode) -> torch.Tensor:
@@ -146,6 +155,12 @@ class SparseEncode(torch.autograd.Function):
         code = ctx.code
         grad_b_enc = torch.zeros(code.n_latents, dtype=grad_N.dtype, device=grad_N.device)
         grad_b_enc.index_add_(0, code.latent_N, grad_N)
-        grad_W_enc = scatter_outer(code, grad_N, x_BD - b_dec_D).T.contiguous() if ctx.needs_input_grad[4] else None
+        grad_W_enc = None
+        if ctx.needs_input_grad[4]:
+            # made as [d_sae, d_in] rows, then laid out as the parameter, [d_in, d_sae]
+            product_FD = scatter_outer(code, grad_N, x_BD - b_dec_D)
+            grad_W_enc = spare.empty(W_enc_DF.shape, product_FD.dtype, product_FD.device).copy_(product_FD.T)
+            spare.keep(product_FD)
+            del product_FD
         grad_b_dec = -(W_enc_DF @ grad_b_enc) if ctx.needs_input_grad[3] else None
         return None, None, None, grad_b_dec, grad_W_enc, grad_b_enc

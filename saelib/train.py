@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .sae import SAEConfig, SparseAutoencoder, init_b_dec_, init_from_data_, init_tied_, make_sae
 from .distributed import Group
 from .sparse_ops import SparseCode, SparseDecode, SparseEncode
+from .spare import drop as drop_spares, recycle_grads_
 from .files import content_digest, remove_orphan_tmp, write_atomic
 from .kernels import KERNELS, resolve_kernels
 from .precision import ENCODER_DTYPES, resolve_encoder_dtype
@@ -602,7 +603,7 @@ class SAETrainer:
             if not torch.isfinite(loss_all):  # before the step: the weights stay as they were
                 self.step += 1
                 raise TrainingDivergedError(self._diverged(f"the loss is {loss_all.item()} (FVU {fvu_all})"))
-            self.optimizer.zero_grad(set_to_none=True)
+            recycle_grads_(sae.parameters())  # zero_grad(set_to_none=True), the memory kept for backward
             loss.backward()
         group.sum_grads_(list(sae.parameters()))
         sae.remove_parallel_grad_()
@@ -781,6 +782,7 @@ def fit_together(trainers: list[SAETrainer], source, max_steps: int | None = Non
             if max_minutes is not None and first._time_is_up(now - started > 60 * max_minutes):
                 break
     finally:
+        drop_spares()
         if governor is not None:
             governor.restore()
         bar.close()

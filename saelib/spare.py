@@ -1,0 +1,86 @@
+"""Big CPU tensors kept from one training step for the next, instead of freed and allocated again.
+
+glibc serves blocks of 32 MiB and more (``saelib.allocator``: the most its mmap threshold
+may be) straight from the kernel, and every page of such a block is faulted in when first
+written, on every allocation. At d_in 512 x d_sae 16384 each weight gradient is exactly such
+a block: on issue 20's 2-core Xeon, writing one into fresh memory took 18 ms against 9 ms
+into memory used before, and ``torch.sparse.mm`` also zero-fills and copies its output.
+
+So a trainer hands its gradients back here instead of dropping them (``recycle_grads_``,
+in place of ``zero_grad(set_to_none=True)``), and the sparse backward passes write the next
+gradients into them (``empty``). A tensor is kept only when nothing else can see it: no
+other Python reference, no view of its memory, its memory all its own. Contents are
+garbage: whoever takes one writes every element. At most ``PER_SHAPE`` per shape, dtype
+and device, CPU only (a GPU's caching allocator does this already); ``drop()`` frees them.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import torch
+
+PER_SHAPE = 2
+"""Tensors kept per (shape, dtype, device): a step takes two of a weight's shape at most."""
+
+_kept: dict[tuple, list[torch.Tensor]] = {}
+_lock = threading.Lock()
+
+
+def _key(shape, dtype: torch.dtype, device: torch.device) -> tuple:
+    return tuple(shape), dtype, torch.device(device)
+
+
+def empty(shape, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A contiguous tensor of ``shape`` with garbage contents: one kept here, else ``torch.empty``."""
+    with _lock:
+        kept = _kept.get(_key(shape, dtype, device))
+        if kept:
+            return kept.pop()
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def _only_reference(tensor: torch.Tensor, python_refs: int) -> bool:
+    """Whether ``tensor`` is held by ``python_refs`` Python references (the caller's) and
+    nothing else: no views or other tensors on its storage, which it fills alone."""
+    storage = tensor.untyped_storage()
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return (use_count is not None and sys.getrefcount(tensor) <= python_refs
+            and use_count(storage._cdata) <= 2  # the tensor and ``storage`` here
+            and sys.getrefcount(storage) <= 3  # the tensor's own, ``storage`` and the argument
+            and tensor.storage_offset() == 0 and storage.nbytes() == tensor.numel() * tensor.element_size())
+
+
+def keep(tensor: torch.Tensor | None) -> bool:
+    """Keep ``tensor`` for a later ``empty`` of its shape, if it is a contiguous CPU tensor
+    that nothing else refers to and fewer than ``PER_SHAPE`` of its shape are kept; returns
+    whether it was kept. The caller must drop its own reference after the call."""
+    # getrefcount: the caller's variable, this frame's argument, getrefcount's argument
+    if (tensor is None or tensor.device.type != "cpu" or tensor.requires_grad or not tensor.is_contiguous()
+            or tensor.is_sparse or tensor.layout != torch.strided or not _only_reference(tensor, 4)):
+        return False
+    with _lock:
+        kept = _kept.setdefault(_key(tensor.shape, tensor.dtype, tensor.device), [])
+        if len(kept) >= PER_SHAPE or any(t is tensor for t in kept):
+            return False
+        kept.append(tensor)
+    return True
+
+
+def recycle_grads_(params) -> None:
+    """``zero_grad(set_to_none=True)`` for ``params``, keeping each gradient (``keep``) for
+    the next backward pass to write into."""
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            continue
+        param.grad = None
+        keep(grad)
+        del grad
+
+
+def drop() -> None:
+    """Free every kept tensor (the end of a training run)."""
+    with _lock:
+        _kept.clear()
