@@ -114,7 +114,7 @@ def run_dense_topk(pool, steps, d_in, d_sae, k):
     start = make_sae(SAEConfig(d_in, d_sae, "topk", k=k))
     init_tied_(start, seed=0)
     W_dec = start.W_dec.detach().clone().requires_grad_()
-    W_enc = start.W_enc.detach().clone().requires_grad_()
+    W_enc = start.W_enc.detach().contiguous().clone().requires_grad_()  # a plain [d_in, d_sae] tensor
     b_enc = torch.zeros(d_sae, requires_grad=True)
     b_dec = pool[0].mean(0).clone().requires_grad_()
     params = [W_enc, b_enc, W_dec, b_dec]

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .metrics import variance_per_vector
+from .sparse_ops import held_transposed
 
 TIMEOUT_ENV = "SAELIB_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -244,8 +245,22 @@ class Group:
         taking = [p for p, flag in zip(params, has_grad) if flag]
         if not taking:
             return
-        flat = self.sum_(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in taking]))
+        # Each gradient travels in its parameter's memory order and comes back laid out as the
+        # parameter (W_enc is held transposed): a fused Adam step needs the two alike.
+        flat = self.sum_(torch.cat([_memory_order(p.grad if p.grad is not None else torch.zeros_like(p), p).reshape(-1)
+                                    for p in taking]))
         offset = 0
         for p in taking:
-            p.grad = flat[offset : offset + p.numel()].view_as(p)
+            p.grad = _from_memory_order(flat[offset : offset + p.numel()], p)
             offset += p.numel()
+
+
+def _memory_order(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (shaped as ``param``) in the order ``param`` lies in memory: its transpose
+    for a matrix held transposed, a view when ``tensor`` is laid out alike."""
+    return tensor.T if held_transposed(param) else tensor
+
+
+def _from_memory_order(flat: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``_memory_order(...).reshape(-1)``: a view of ``flat`` laid out as ``param``."""
+    return flat.view(param.T.shape).T if held_transposed(param) else flat.view_as(param)

@@ -22,23 +22,35 @@ import threading
 import torch
 
 PER_SHAPE = 2
-"""Tensors kept per (shape, dtype, device): a step takes two of a weight's shape at most."""
+"""Tensors kept per (shape, layout, dtype, device): a step takes two of a kind at most."""
 
 _kept: dict[tuple, list[torch.Tensor]] = {}
 _lock = threading.Lock()
 
 
-def _key(shape, dtype: torch.dtype, device: torch.device) -> tuple:
-    return tuple(shape), dtype, torch.device(device)
+def _key(shape, stride, dtype: torch.dtype, device: torch.device) -> tuple:
+    return tuple(shape), tuple(stride), dtype, torch.device(device)
 
 
-def empty(shape, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A contiguous tensor of ``shape`` with garbage contents: one kept here, else ``torch.empty``."""
+def _contiguous_stride(shape) -> tuple:
+    stride, step = [], 1
+    for size in reversed(tuple(shape)):
+        stride.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def empty(shape, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+          stride=None) -> torch.Tensor:
+    """A tensor of ``shape`` laid out by ``stride`` (contiguous if None; any layout that
+    fills its memory, such as a transposed matrix) with garbage contents: one kept here,
+    else ``torch.empty_strided``."""
+    stride = _contiguous_stride(shape) if stride is None else tuple(stride)
     with _lock:
-        kept = _kept.get(_key(shape, dtype, device))
+        kept = _kept.get(_key(shape, stride, dtype, device))
         if kept:
             return kept.pop()
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return torch.empty_strided(tuple(shape), stride, dtype=dtype, device=device)
 
 
 def _only_reference(tensor: torch.Tensor, python_refs: int) -> bool:
@@ -53,15 +65,15 @@ def _only_reference(tensor: torch.Tensor, python_refs: int) -> bool:
 
 
 def keep(tensor: torch.Tensor | None) -> bool:
-    """Keep ``tensor`` for a later ``empty`` of its shape, if it is a contiguous CPU tensor
-    that nothing else refers to and fewer than ``PER_SHAPE`` of its shape are kept; returns
-    whether it was kept. The caller must drop its own reference after the call."""
+    """Keep ``tensor`` for a later ``empty`` of its shape and layout, if it is a CPU tensor
+    that fills its own memory, nothing else refers to it and fewer than ``PER_SHAPE`` of its
+    kind are kept; returns whether it was kept. The caller must drop its own reference after."""
     # getrefcount: the caller's variable, this frame's argument, getrefcount's argument
-    if (tensor is None or tensor.device.type != "cpu" or tensor.requires_grad or not tensor.is_contiguous()
-            or tensor.is_sparse or tensor.layout != torch.strided or not _only_reference(tensor, 4)):
+    if (tensor is None or tensor.device.type != "cpu" or tensor.requires_grad or tensor.layout != torch.strided
+            or 0 in tensor.stride() or not _only_reference(tensor, 4)):
         return False
     with _lock:
-        kept = _kept.setdefault(_key(tensor.shape, tensor.dtype, tensor.device), [])
+        kept = _kept.setdefault(_key(tensor.shape, tensor.stride(), tensor.dtype, tensor.device), [])
         if len(kept) >= PER_SHAPE or any(t is tensor for t in kept):
             return False
         kept.append(tensor)

@@ -113,7 +113,7 @@ def test_sae_folders_are_verified(tmp_path):
         load_sae(folder)
     from safetensors.torch import save_file  # a folder written by another tool: no checksum, NaN inside
 
-    tensors = {k: v.detach().clone() for k, v in sae.weights_to_save().items()}
+    tensors = {k: v.detach().contiguous().clone() for k, v in sae.weights_to_save().items()}
     tensors["W_dec"][0, 0] = float("nan")
     save_file(tensors, str(weights))
     with pytest.raises(SAEFormatError, match="W_dec hold NaN or inf.*retrain"):

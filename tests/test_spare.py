@@ -40,12 +40,11 @@ def test_a_gradient_is_reused_only_when_nothing_else_holds_it(held_as):
         assert np.all(np.asarray(held if held_as != "storage" else param.new_empty(0).set_(held)) == 2)
 
 
-def test_kept_tensors_are_bounded_per_shape():
-    for _ in range(spare.PER_SHAPE + 2):
-        spare.keep(torch.empty(8, 4))
-    taken = {spare.empty((8, 4)).data_ptr() for _ in range(spare.PER_SHAPE + 2)}
-    assert len(taken) == spare.PER_SHAPE + 2  # the kept ones, then fresh ones
-    assert len(spare._kept[((8, 4), torch.float32, torch.device("cpu"))]) == 0
+def test_kept_tensors_are_bounded_per_shape_and_layout():
+    assert [spare.keep(torch.empty(8, 4)) for _ in range(spare.PER_SHAPE + 2)] == [True] * spare.PER_SHAPE + [False] * 2
+    assert spare.keep(torch.empty_strided((8, 4), (1, 8)))  # another layout of the same shape: kept apart
+    assert spare.empty((8, 4), stride=(1, 8)).stride() == (1, 8)
+    assert spare.empty((8, 4)).stride() == (4, 1)
 
 
 def _poison_spares(shapes):
