@@ -55,13 +55,14 @@ def empty(shape, dtype: torch.dtype = torch.float32, device: torch.device | str 
 
 def _only_reference(tensor: torch.Tensor, python_refs: int) -> bool:
     """Whether ``tensor`` is held by ``python_refs`` Python references (the caller's) and
-    nothing else: no views or other tensors on its storage, which it fills alone."""
-    storage = tensor.untyped_storage()
+    nothing else: no view, detached alias, NumPy array or storage object on its memory.
+    The memory's owners are counted without making a Python storage object for it: once one
+    exists it holds the memory for good, and autograd then no longer sums a second gradient
+    into it in place (it allocates a fresh one)."""
+    address = getattr(torch._C, "_storage_address", None)
     use_count = getattr(torch._C, "_storage_Use_Count", None)
-    return (use_count is not None and sys.getrefcount(tensor) <= python_refs
-            and use_count(storage._cdata) <= 2  # the tensor and ``storage`` here
-            and sys.getrefcount(storage) <= 3  # the tensor's own, ``storage`` and the argument
-            and tensor.storage_offset() == 0 and storage.nbytes() == tensor.numel() * tensor.element_size())
+    return (address is not None and use_count is not None and sys.getrefcount(tensor) <= python_refs
+            and use_count(address(tensor)) == 1)
 
 
 def keep(tensor: torch.Tensor | None) -> bool:

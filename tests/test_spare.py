@@ -109,3 +109,35 @@ def test_training_reuses_its_gradients_and_gets_the_same_weights():
     for name, param in reused.named_parameters():
         assert torch.equal(param, dict(fresh.named_parameters())[name]), name
         assert torch.equal(param, dict(poisoned.named_parameters())[name]), name
+
+
+class _OnesGrad(torch.autograd.Function):
+    """Sums a [64, 32] weight; its backward writes the gradient into a ``spare.empty`` tensor."""
+
+    given = []
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.sum().reshape(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = spare.empty((64, 32)).fill_(1.0)
+        _OnesGrad.given.append(out.data_ptr())
+        return out
+
+
+def test_a_kept_gradient_takes_a_second_contribution_in_place():
+    """Two uses of a weight (a step with AuxK decodes twice): autograd sums the second gradient
+    into the first in place, as it does for fresh tensors, so the step allocates nothing new.
+    Checking a tensor with a Python storage object once pinned its memory and stopped that."""
+    param = _param_with_grad()
+    spare.recycle_grads_([param])
+    kept = spare.empty((64, 32))
+    address = kept.data_ptr()
+    assert spare.keep(kept)
+    del kept
+    _OnesGrad.given.clear()
+    (_OnesGrad.apply(param) + _OnesGrad.apply(param)).sum().backward()
+    assert _OnesGrad.given[0] == address and param.grad.data_ptr() == address
+    assert torch.equal(param.grad, torch.full((64, 32), 2.0))
