@@ -9,9 +9,10 @@ into memory used before, and ``torch.sparse.mm`` also zero-fills and copies its 
 So a trainer hands its gradients back here instead of dropping them (``recycle_grads_``,
 in place of ``zero_grad(set_to_none=True)``), and the sparse backward passes write the next
 gradients into them (``empty``). A tensor is kept only when nothing else can see it: no
-other Python reference, no view of its memory, its memory all its own. Contents are
-garbage: whoever takes one writes every element. At most ``PER_SHAPE`` per shape, dtype
-and device, CPU only (a GPU's caching allocator does this already); ``drop()`` frees them.
+other Python reference, and no other tensor, array or storage object on its memory. Contents
+are garbage: whoever takes one writes every element. At most ``PER_SHAPE`` per shape,
+layout, dtype and device, CPU only (a GPU's caching allocator does this already); ``drop()``
+frees them (the trainer does at the end of a run).
 """
 
 from __future__ import annotations
