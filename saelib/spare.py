@@ -67,9 +67,10 @@ def _only_reference(tensor: torch.Tensor, python_refs: int) -> bool:
 
 
 def keep(tensor: torch.Tensor | None) -> bool:
-    """Keep ``tensor`` for a later ``empty`` of its shape and layout, if it is a CPU tensor
-    that fills its own memory, nothing else refers to it and fewer than ``PER_SHAPE`` of its
-    kind are kept; returns whether it was kept. The caller must drop its own reference after."""
+    """Keep ``tensor`` for a later ``empty`` of its shape and layout, if it is a strided CPU
+    tensor without broadcast dimensions, nothing else refers to it or its memory, and fewer
+    than ``PER_SHAPE`` of its kind are kept; returns whether it was kept. The caller must drop
+    its own reference after."""
     # getrefcount: the caller's variable, this frame's argument, getrefcount's argument
     if (tensor is None or tensor.device.type != "cpu" or tensor.requires_grad or tensor.layout != torch.strided
             or 0 in tensor.stride() or not _only_reference(tensor, 4)):
