@@ -6,23 +6,91 @@ core runs at half speed, the other waits for it at every op, and a loop of many 
 can fall below half its quiet speed (to 26% on an Intel Xeon, 47% on an AMD EPYC),
 while one thread alone on the free core keeps half or more.
 No fixed setting is right on a laptop whose load comes and goes, so ``ThreadGovernor``
-decides from the loop's own step times: it watches them, and when steps slow down beyond
-what the quiet machine gave, it tries fewer threads for a few steps and keeps whichever
-was faster; every ``recheck_every`` steps on fewer threads (less often while the load
-stays) it tries the full count again, so the speed comes back when the load goes.
+follows it while the loop runs.
 
-A machine already busy when the loop starts has no quiet speed to compare with, so the
-first steps after a short warm-up are one trial of both settings. On a quiet machine that
-trial is all that happens (one step on fewer threads); the thread count never changes
-the numbers, only the speed (tests/test_threads.py checks that training gives the same
-weights bit for bit on one and on two threads).
+Where the kernel says how busy each CPU is (Linux's /proc/stat), it reads the CPU time
+that *other* processes took on this process's CPUs (``OtherCpuLoad``) every 0.3 s or so:
+when they take a share of a core, it moves to fewer threads; when they leave, it moves
+back. No step is spent trying a setting, which matters because one step on full threads
+beside a busy process took 5x as long as a step on one thread (issue 20's Xeon). After
+each move to fewer threads it checks the step times once: if fewer threads turn out
+slower (a reading that does not describe this machine, e.g. a CPU quota in a container),
+it goes back and from then on decides by step times alone, as it does where there is
+no /proc/stat.
+
+By step times: when steps slow down beyond what the quiet machine gave, it tries fewer
+threads for a few steps and keeps whichever was faster; every ``recheck_every`` steps on
+fewer threads (less often while the load stays) it tries the full count again, so the
+speed comes back when the load goes. A machine already busy when the loop starts has no
+quiet speed to compare with, so the first steps after a short warm-up are one trial of
+both settings; on a quiet machine that trial is all that happens (one step on fewer
+threads).
+
+The thread count never changes the numbers, only the speed (tests/test_threads.py checks
+that training gives the same weights bit for bit on one and on two threads).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
+from typing import Callable
 
 import torch
+
+
+class OtherCpuLoad:
+    """Call it for the CPU time, in cores, that everything but this process took on the
+    CPUs this process may run on since the previous reading: about 1.0 beside one busy
+    process, about 0 on a quiet machine, whatever this process itself does. None while
+    less than ``min_seconds`` have passed: /proc/stat counts in ticks of 10 ms, so
+    shorter readings are too coarse. Hypervisor steal time counts as taken (a vCPU the
+    host gave to someone else stalls a thread like a busy process does).
+
+    It subtracts this process's own CPU time (``time.process_time``: every thread of it)
+    from the busy time of its CPUs. ``open()`` gives None where that cannot be read."""
+
+    def __init__(self, min_seconds: float = 0.3, stat_path: str = "/proc/stat"):
+        self.cpus = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+        self.stat_path, self.min_seconds = stat_path, min_seconds
+        self.tick_seconds = 1 / os.sysconf("SC_CLK_TCK")
+        self.last = self._sample()
+
+    @classmethod
+    def open(cls, **kwargs) -> "OtherCpuLoad | None":
+        """An ``OtherCpuLoad``, or None where the system has no per-CPU busy times to read."""
+        try:
+            return cls(**kwargs)
+        except (OSError, ValueError, AttributeError):  # no /proc/stat, no sched_getaffinity (not Linux)
+            return None
+
+    def _busy_seconds(self) -> float:
+        busy_ticks, seen = 0, 0
+        with open(self.stat_path) as stat:
+            for line in stat:
+                if not line.startswith("cpu"):
+                    break  # the per-CPU lines come first
+                fields = line.split()
+                if fields[0] in self.cpus:
+                    # user nice system idle iowait irq softirq steal (guest time is part of user)
+                    user, nice, system, _, _, irq, softirq, steal = (int(v) for v in fields[1:9])
+                    busy_ticks += user + nice + system + irq + softirq + steal
+                    seen += 1
+        if seen != len(self.cpus):
+            raise ValueError(f"{self.stat_path}: found {seen} of this process's {len(self.cpus)} CPUs")
+        return busy_ticks * self.tick_seconds
+
+    def _sample(self) -> tuple[float, float, float]:
+        return time.perf_counter(), self._busy_seconds(), time.process_time()
+
+    def __call__(self) -> float | None:
+        if time.perf_counter() - self.last[0] < self.min_seconds:
+            return None
+        (wall0, busy0, own0), now = self.last, self._sample()
+        self.last = now
+        wall1, busy1, own1 = now
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
 
 
 class ThreadGovernor:
@@ -34,12 +102,27 @@ class ThreadGovernor:
     setting ``give_up`` times slower than the latest step on the other ends that setting's
     measurement at once (the up-front trial then costs one slow step, not ``trial_steps``:
     on fewer threads on a quiet machine, on full threads on a busy one). ``restore()`` puts
-    back the thread count found at construction."""
+    back the thread count found at construction.
+
+    ``load``: a function giving the cores other processes took since its last call, or None
+    when it has no reading yet (``OtherCpuLoad``, the default where /proc/stat can be read);
+    None: decide by step times alone. With a reading, the governor moves to fewer threads
+    when others took more than ``reduce_above`` cores while it ran full threads, and back
+    when they took less than ``restore_below`` while it ran fewer (below ``reduce_above``:
+    on full threads others get less than they ask for, so the same load reads lower there,
+    and the two thresholds cannot take turns on one load)."""
 
     def __init__(self, window: int = 5, trial_steps: int = 3, slowdown: float = 1.4, recheck_every: int = 50,
-                 warmup_steps: int = 2, give_up: float = 1.5):
+                 warmup_steps: int = 2, give_up: float = 1.5,
+                 load: Callable[[], float | None] | None | str = "proc", reduce_above: float = 0.3,
+                 restore_below: float = 0.2):
         self.full = torch.get_num_threads()
         self.reduced = max(1, self.full // 2)
+        self.load = (OtherCpuLoad.open() if load == "proc" else load) if self.full > 1 else None
+        self.reduce_above, self.restore_below = reduce_above, restore_below
+        self.window_full_steps: list[float] = []  # full-thread step times since the latest load reading
+        self.check: list[float] | None = None  # step times on fewer threads since the load moved us there
+        self.check_against = 0.0  # the slowest full-thread step of the reading that did
         self.window, self.trial_steps, self.slowdown = window, trial_steps, slowdown
         self.recheck_every, self.warmup_steps, self.give_up = recheck_every, warmup_steps, give_up
         self.last_full: float | None = None  # the latest step time seen on full threads
@@ -56,7 +139,8 @@ class ThreadGovernor:
         self.cooldown = 0  # steps before a slowdown at full threads may start another trial
         self.seen = 0
         self.switches = 0
-        """How many times the thread count changed (2 on a quiet machine: the first trial)."""
+        """How many times the thread count changed. On a quiet machine: 0 where the load is
+        read, 2 where step times decide (the up-front trial)."""
 
     @property
     def active(self) -> bool:
@@ -81,9 +165,14 @@ class ThreadGovernor:
             self.last_full = seconds
         else:
             self.last_reduced = seconds
-        if not self.active or self.seen <= self.warmup_steps:
+        if not self.active:
             return
-        if self.seen == self.warmup_steps + 1 and self.trial is None:
+        if self.load is not None:
+            self._follow_load(seconds)
+            return
+        if self.seen <= self.warmup_steps:
+            return
+        if self.seen == self.warmup_steps + 1 and self.trial is None and self.first_trial:
             # a machine already busy when the loop starts has no quiet baseline to fall
             # behind: one trial of both settings up front tells which is faster now
             self._start_trial([self.reduced, self.full])
@@ -130,6 +219,34 @@ class ThreadGovernor:
             self.steps_on_reduced += 1
             if self.steps_on_reduced >= self.recheck_interval:
                 self._start_trial([self.full, self.reduced])
+
+    def _follow_load(self, seconds: float) -> None:
+        """``step_done`` where other processes' CPU time can be read."""
+        if self.current == self.full:
+            self.window_full_steps.append(seconds)
+        elif self.check is not None:
+            self.check.append(seconds)
+            slower = (seconds > self.give_up * self.check_against if len(self.check) == 1
+                      else len(self.check) >= self.trial_steps and statistics.median(self.check) > self.check_against)
+            if slower:
+                # fewer threads lost under the load the reading reported, so the reading does not
+                # describe this machine: back to full threads, and step times decide from now on
+                self.load, self.check = None, None
+                self.first_trial = False  # no up-front trial: the check just made stands for it
+                self._set(self.full)
+                return
+            if len(self.check) >= self.trial_steps:
+                self.check = None
+        others = self.load()
+        if others is None:
+            return
+        if self.current == self.full and others > self.reduce_above:
+            self.check, self.check_against = [], max(self.window_full_steps)
+            self._set(self.reduced)
+        elif self.current != self.full and others < self.restore_below:
+            self.check = None
+            self._set(self.full)
+        self.window_full_steps = []
 
     def restore(self) -> None:
         """Put back the thread count the loop started with."""

@@ -108,9 +108,10 @@ class TrainConfig:
     progress: bool = True
     """Show a tqdm bar."""
     adapt_threads: bool = True
-    """On a CPU, follow the machine's load: when steps slow down (another process took a
-    core), try fewer intra-op threads and keep them while they are faster
-    (``saelib.threads.ThreadGovernor``). A quiet machine never sees a change."""
+    """On a CPU, follow the machine's load: when other processes take a share of a core
+    (read from /proc/stat on Linux; elsewhere, when steps slow down and fewer threads
+    prove faster), run fewer intra-op threads until they leave
+    (``saelib.threads.ThreadGovernor``). The results are the same either way."""
     encoder_dtype: str = "auto"
     """Precision of the TopK encoder matmul that chooses each row's k latents: ``float32``,
     ``bfloat16``, or ``auto``: bfloat16 on hardware with fast bf16 matmuls (a CPU with AMX,

@@ -1,10 +1,16 @@
-"""The thread governor's decisions, on step times simulated from a machine whose load comes
-and goes (its speed under real load is measured by benchmarks/bench_train.py --under-load)."""
+"""The thread governor's decisions, on step times (and load readings) simulated from a
+machine whose load comes and goes; the load reading itself against real processes. The
+speed under real load is measured by benchmarks/bench_train.py --under-load."""
+
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from saelib.threads import ThreadGovernor
+from saelib.threads import OtherCpuLoad, ThreadGovernor
 
 
 @pytest.fixture
@@ -32,7 +38,7 @@ def run(governor: ThreadGovernor, steps: int, loaded: bool) -> list[int]:
 
 
 def test_quiet_machine_gets_one_trial_and_keeps_its_threads(two_threads):
-    governor = ThreadGovernor()
+    governor = ThreadGovernor(load=None)
     used = []
     for noise in [1.0, 1.1, 0.95, 1.2, 1.0, 1.05, 1.3] * 40:  # ordinary jitter, below the slowdown threshold
         used.append(governor.current)
@@ -43,7 +49,7 @@ def test_quiet_machine_gets_one_trial_and_keeps_its_threads(two_threads):
 
 
 def test_a_machine_busy_from_the_start_is_found_by_the_first_trial(two_threads):
-    governor = ThreadGovernor()
+    governor = ThreadGovernor(load=None)
     used = run(governor, 100, loaded=True)
     assert used[:2] == [2, 2] and used[-80:].count(1) >= 75
     # three slow steps before the trial (two of warm-up, one that starts it), three on one
@@ -74,7 +80,7 @@ def test_thread_count_changes_speed_not_results():
 
 
 def test_load_moves_to_one_thread_and_back_when_it_goes(two_threads):
-    governor = ThreadGovernor(recheck_every=20)
+    governor = ThreadGovernor(recheck_every=20, load=None)
     assert run(governor, 30, loaded=False)[-20:] == [2] * 20  # after the first trial
     under_load = run(governor, 120, loaded=True)
     # it notices within a window and a trial, then runs on one thread, rechecking now and then
@@ -89,7 +95,7 @@ def test_load_moves_to_one_thread_and_back_when_it_goes(two_threads):
 
 def test_a_slowdown_that_fewer_threads_do_not_cure_keeps_the_threads(two_threads):
     # e.g. memory bandwidth taken by another process: both settings slow down alike
-    governor = ThreadGovernor(recheck_every=20)
+    governor = ThreadGovernor(recheck_every=20, load=None)
     run(governor, 30, loaded=False)
     used = []
     for _ in range(200):
@@ -100,7 +106,7 @@ def test_a_slowdown_that_fewer_threads_do_not_cure_keeps_the_threads(two_threads
 
 
 def test_restore_puts_back_the_starting_count(two_threads):
-    governor = ThreadGovernor(recheck_every=5)
+    governor = ThreadGovernor(recheck_every=5, load=None)
     run(governor, 20, loaded=False)
     run(governor, 40, loaded=True)
     assert torch.get_num_threads() == 1
@@ -127,3 +133,116 @@ def test_notebook_kernels_get_a_short_openmp_spin(first, preset, expected):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == expected
+
+
+class SimulatedLoad:
+    """What ``OtherCpuLoad`` reads on the machine of ``step_time``: one reading every
+    ``every`` calls (the real one waits for half a second of ticks). Beside a busy process
+    others get about half a core while the loop runs two threads (the core is shared) and a
+    whole core while it runs one; ``reads`` overrides that (a reading that misdescribes)."""
+
+    def __init__(self, every: int = 2, reads: float | None = None):
+        self.loaded, self.every, self.reads, self.calls = False, every, reads, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls % self.every:
+            return None
+        if self.reads is not None:
+            return self.reads
+        return (0.5 if torch.get_num_threads() == 2 else 1.0) if self.loaded else 0.02
+
+
+def run_with(governor: ThreadGovernor, load: SimulatedLoad, steps: int, loaded: bool) -> list[int]:
+    load.loaded = loaded
+    return run(governor, steps, loaded)
+
+
+def test_a_load_reading_finds_a_busy_machine_without_trying_full_threads(two_threads):
+    load = SimulatedLoad()
+    governor = ThreadGovernor(load=load)
+    by_load = run_with(governor, load, 100, loaded=True)
+    governor.restore()
+    by_times = run(ThreadGovernor(load=None), 100, loaded=True)
+    # two full-thread steps make the first reading, then one thread throughout: no warm-up, no trial
+    assert by_load == [2, 2] + [1] * 98
+    cost = lambda used: sum(step_time(t, True) for t in used)  # noqa: E731
+    # by step times: a warm-up and trial of four full-thread steps, and a recheck on full threads after 50
+    assert by_times.count(2) >= 5
+    assert cost(by_load) < cost(by_times) - 2 * (4.0 - 1.9)
+
+
+def test_a_load_reading_on_a_quiet_machine_changes_nothing(two_threads):
+    load = SimulatedLoad()
+    governor = ThreadGovernor(load=load)
+    assert run_with(governor, load, 200, loaded=False) == [2] * 200 and governor.switches == 0
+
+
+def test_a_load_reading_follows_load_that_comes_and_goes(two_threads):
+    load = SimulatedLoad()
+    governor = ThreadGovernor(load=load)
+    assert run_with(governor, load, 30, loaded=False) == [2] * 30
+    under_load = run_with(governor, load, 50, loaded=True)
+    assert under_load[:2] == [2, 2] and under_load[2:] == [1] * 48  # within one reading
+    after = run_with(governor, load, 50, loaded=False)
+    assert after[:2] == [1, 1] and after[2:] == [2] * 48 and torch.get_num_threads() == 2
+    assert governor.load is load  # it never had to fall back to step times
+
+
+def test_light_load_keeps_full_threads(two_threads):
+    load = SimulatedLoad(reads=0.25)  # below reduce_above
+    governor = ThreadGovernor(load=load)
+    assert run(governor, 50, loaded=False) == [2] * 50
+
+
+def test_a_reading_that_misdescribes_the_machine_is_dropped_after_one_check(two_threads):
+    # the reading says busy, but one thread is slower than two (the quiet machine's times):
+    # a CPU quota in a container can read like this
+    load = SimulatedLoad(reads=1.0)
+    governor = ThreadGovernor(load=load, recheck_every=20)
+    used = run(governor, 200, loaded=False)
+    assert governor.load is None and used[:3] == [2, 2, 1]  # the first step on one thread is 1.8x: give up
+    assert used[3:] == [2] * 197  # step times decide from then on, and a quiet machine starts no trial
+
+
+def reading_beside(busy_process: bool, self_busy: bool = False, seconds: float = 1.0) -> float:
+    probe = OtherCpuLoad(min_seconds=0.0)
+    process = None
+    if busy_process:
+        core = min(os.sched_getaffinity(0))
+        process = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+        time.sleep(0.5)  # let it start spinning
+    try:
+        probe()  # start the interval with the competitor running
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            if not self_busy:
+                time.sleep(0.01)
+        return probe()
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.skipif(OtherCpuLoad.open() is None, reason="needs Linux's /proc/stat")
+def test_other_cpu_load_reads_a_real_busy_process_and_not_this_one():
+    quiet = reading_beside(busy_process=False)
+    beside = reading_beside(busy_process=True)
+    self_busy = reading_beside(busy_process=False, self_busy=True)
+    assert 0.7 < beside - quiet < 1.3, (quiet, beside)
+    assert self_busy - quiet < 0.3, (quiet, self_busy)  # this process's own CPU time is not load
+
+
+@pytest.mark.skipif(OtherCpuLoad.open() is None, reason="needs Linux's /proc/stat")
+def test_other_cpu_load_waits_for_enough_ticks_and_needs_every_cpu(tmp_path):
+    probe = OtherCpuLoad(min_seconds=0.3)
+    assert probe() is None  # too soon after the first sample
+    time.sleep(0.35)
+    assert probe() is not None
+    cpu_lines = [line for line in open("/proc/stat") if line.startswith("cpu")]
+    (tmp_path / "stat").write_text("".join(cpu_lines[:1]))  # only the machine-wide line: no per-CPU times
+    assert OtherCpuLoad.open(stat_path=str(tmp_path / "stat")) is None
+    assert OtherCpuLoad.open(stat_path=str(tmp_path / "missing")) is None
+    (tmp_path / "stat").write_text("".join(cpu_lines))
+    assert OtherCpuLoad.open(stat_path=str(tmp_path / "stat")) is not None
