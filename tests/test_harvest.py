@@ -96,3 +96,43 @@ def test_nan_weights_stop_the_harvest_with_a_clear_error(tiny_model, tokens_NL, 
         broken.blocks[0].mlp.W_in[0, 0] = float("nan")
     with pytest.raises(Exception, match="NaN or inf"):
         harvest(broken, tokens_NL, HarvestConfig(hooks=["blocks.0.hook_mlp_out"], out_dir=str(tmp_path), progress=False))
+
+
+def test_thread_count_changes_speed_not_the_stored_activations(embedded, tmp_path):
+    """The thread governor may change the thread count between batches (``adapt_threads``),
+    which is safe only because the bytes written do not depend on it."""
+    from saelib.data import token_windows
+
+    windows = token_windows(embedded, 48 * 128)
+    hooks = ["blocks.2.hook_resid_post", "blocks.2.mlp.hook_post", "blocks.2.hook_mlp_out"]
+    before, checksums = torch.get_num_threads(), {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            cfg = HarvestConfig(hooks=hooks, batch_size=16, shard_mb=0.5, out_dir=str(tmp_path / str(threads)),
+                                progress=False, adapt_threads=False)
+            stores = harvest(embedded, windows, cfg)
+            checksums[threads] = {hook: [shard.sha256 for shard in store.manifest.shards] for hook, store in stores.items()}
+    finally:
+        torch.set_num_threads(before)
+    assert checksums[1] == checksums[2] and all(len(shards) > 1 for shards in checksums[1].values())
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_harvest_follows_the_machine_load_and_restores_the_threads(tiny_model, tokens_NL, tmp_path, monkeypatch, adapt):
+    import saelib.threads
+
+    monkeypatch.setattr(saelib.threads.OtherCpuLoad, "open", classmethod(lambda cls, **kw: lambda: 1.0))  # always busy
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    counts = []
+    set_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (counts.append(n), set_threads(n)))
+    try:
+        cfg = HarvestConfig(hooks=HOOKS[:1], batch_size=2, out_dir=str(tmp_path), progress=False, adapt_threads=adapt)
+        store = harvest(tiny_model, tokens_NL, cfg)[HOOKS[0]]
+        assert torch.get_num_threads() == 2  # put back
+    finally:
+        set_threads(before)
+    assert counts[:1] == ([1] if adapt else [])  # after the first batch's reading
+    torch.testing.assert_close(store.rows(0, len(store)), expected_rows(tiny_model, tokens_NL, HOOKS[0]), atol=1e-3, rtol=1e-3)
