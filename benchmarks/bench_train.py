@@ -51,7 +51,6 @@ plus 8 * B * k * d_in for the sparse decoder and gradients.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -61,6 +60,7 @@ import time
 
 import torch
 
+from competitor import competing_process
 from saelib.precision import bf16_speedup, resolve_encoder_dtype
 from saelib.sae import SAEConfig, init_tied_, make_sae
 from saelib.toy import ToyConfig, ToyData
@@ -152,19 +152,6 @@ def run_saelens_topk(pool, steps, d_in, d_sae, k):
     trained = trainer.fit()
     seconds = time.perf_counter() - started
     return seconds, lambda x: trained.decode(trained.encode(x))
-
-
-@contextlib.contextmanager
-def competing_process(core: int = 0):
-    """A CPU-bound process pinned to ``core`` for the duration of the block."""
-    spin = f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"
-    process = subprocess.Popen([sys.executable, "-c", spin])
-    try:
-        time.sleep(0.5)  # let it start spinning
-        yield process
-    finally:
-        process.kill()
-        process.wait()
 
 
 def measure(args, have_saelens: bool) -> dict:
