@@ -29,6 +29,7 @@ import torch
 from .harvest import model_label
 from .metrics import variance_per_vector
 from .models import randomize_weights
+from .threads import follow_load
 
 TRAINED = "trained"
 REINITIALISED = "re-initialised"
@@ -209,13 +210,15 @@ def context_dependence(model, saes, tokens_NL: torch.Tensor, seed: int = 0, batc
     shuffled[:, 1:-1] = middle[torch.randperm(len(middle), generator=generator)].reshape(len(tokens_NL), -1)
     differences = {key: torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for key, sae in saes.items()}
     totals = {key: torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for key, sae in saes.items()}
-    for start in range(0, len(tokens_NL), batch_size):
-        original = latents_on(model, saes, tokens_NL[start : start + batch_size], stop)
-        counterfactual = latents_on(model, saes, shuffled[start : start + batch_size], stop)
-        for key in saes:
-            a_BF, b_BF = original[key][:, -1], counterfactual[key][:, -1]
-            differences[key] += (a_BF - b_BF).abs().sum(0)
-            totals[key] += (a_BF + b_BF).abs().sum(0)
+    with follow_load(device=model.cfg.device) as load:
+        for start in range(0, len(tokens_NL), batch_size):
+            original = latents_on(model, saes, tokens_NL[start : start + batch_size], stop)
+            counterfactual = latents_on(model, saes, shuffled[start : start + batch_size], stop)
+            for key in saes:
+                a_BF, b_BF = original[key][:, -1], counterfactual[key][:, -1]
+                differences[key] += (a_BF - b_BF).abs().sum(0)
+                totals[key] += (a_BF + b_BF).abs().sum(0)
+            load.lap()
     out = {}
     for key in saes:
         dependence = differences[key] / totals[key]
@@ -259,14 +262,16 @@ def induction_scores(model, saes, repeated_NL: torch.Tensor, control_NL: torch.T
     stop = _stop_for(model, saes)
     half = (repeated_NL.shape[1] - 1) // 2
     sums = {key: [torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for _ in range(3)] for key, sae in saes.items()}
-    for start in range(0, len(repeated_NL), batch_size):
-        on_repeat = latents_on(model, saes, repeated_NL[start : start + batch_size], stop)
-        on_control = latents_on(model, saes, control_NL[start : start + batch_size], stop)
-        for key in saes:
-            repeat_BHF, control_BHF = on_repeat[key][:, -half:], on_control[key][:, -half:]
-            sums[key][0] += repeat_BHF.sum((0, 1))
-            sums[key][1] += control_BHF.sum((0, 1))
-            sums[key][2] += (repeat_BHF > 0).double().sum((0, 1))
+    with follow_load(device=model.cfg.device) as load:
+        for start in range(0, len(repeated_NL), batch_size):
+            on_repeat = latents_on(model, saes, repeated_NL[start : start + batch_size], stop)
+            on_control = latents_on(model, saes, control_NL[start : start + batch_size], stop)
+            for key in saes:
+                repeat_BHF, control_BHF = on_repeat[key][:, -half:], on_control[key][:, -half:]
+                sums[key][0] += repeat_BHF.sum((0, 1))
+                sums[key][1] += control_BHF.sum((0, 1))
+                sums[key][2] += (repeat_BHF > 0).double().sum((0, 1))
+            load.lap()
     n_tokens = len(repeated_NL) * half
     out = {}
     for key, (repeat_F, control_F, fired_F) in sums.items():

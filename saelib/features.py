@@ -21,6 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .threads import follow_load
+
 
 class Example(NamedTuple):
     """One activating token in its context window."""
@@ -59,12 +61,14 @@ class FeatureActivations:
         total = len(store) if n_rows is None else min(n_rows, len(store))
         pieces_rows, pieces_latents, pieces_values = [], [], []
         device = sae.W_enc.device
-        for start in range(0, total, batch_size):
-            latents_NF = sae.encode(store.rows(start, min(total, start + batch_size)).to(device))
-            row_index, latent_index = latents_NF.nonzero(as_tuple=True)
-            pieces_rows.append((row_index + start).cpu().numpy())
-            pieces_latents.append(latent_index.cpu().numpy())
-            pieces_values.append(latents_NF[row_index, latent_index].float().cpu().numpy())
+        with follow_load(device=device) as load:
+            for start in range(0, total, batch_size):
+                latents_NF = sae.encode(store.rows(start, min(total, start + batch_size)).to(device))
+                row_index, latent_index = latents_NF.nonzero(as_tuple=True)
+                pieces_rows.append((row_index + start).cpu().numpy())
+                pieces_latents.append(latent_index.cpu().numpy())
+                pieces_values.append(latents_NF[row_index, latent_index].float().cpu().numpy())
+                load.lap()
         rows = np.concatenate(pieces_rows).astype(np.int64)
         latents = np.concatenate(pieces_latents).astype(np.int64)
         values = np.concatenate(pieces_values).astype(np.float32)

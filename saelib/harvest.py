@@ -16,7 +16,6 @@ records), and a rerun after a killed rank redoes only the shards not yet on disk
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from .models import check_hook_name, hook_layer, model_fingerprint, model_signat
 from .paths import artifacts_dir
 from .store import ActivationStore, StoreError, StoreManifest
 from .store_writer import ShardBlockWriter, StoreWriter, assemble_store, finished_shards, shard_count
-from .threads import ThreadGovernor
+from .threads import follow_load
 
 # Hooks outside the blocks that are computed before block 0.
 _EMBEDDING_HOOKS = ("hook_embed", "hook_pos_embed", "hook_tokens")
@@ -61,8 +60,10 @@ class HarvestConfig:
     adapt_threads: bool = True
     """On a CPU, run the forward passes on fewer intra-op threads while other processes
     take a share of a core, and on all of them again when they leave
-    (``saelib.threads.ThreadGovernor``; one process, not torchrun ranks). The stored
-    activations are the same either way."""
+    (``saelib.threads.ThreadGovernor``; one process, not torchrun ranks). The embedded
+    model's stores come out bit for bit the same on one and on two threads
+    (tests/test_harvest.py); PyTorch does not promise that for every model and batch
+    (see ``saelib.threads.follow_load``)."""
 
     def __post_init__(self):
         if not self.hooks:
@@ -200,30 +201,24 @@ def harvest(model, tokens_NL: torch.Tensor, cfg: HarvestConfig, model_name: str 
         disable=not cfg.progress,
     )
     # beside a busy process two threads harvested 4.0k tok/s and one 14.6k (quiet: 27.9k)
-    governor = ThreadGovernor() if cfg.adapt_threads and torch.device(device).type == "cpu" else None
     try:
-        batch_started = time.perf_counter()
-        for lo in range(start, n_contexts, cfg.batch_size):
-            batch = tokens_NL[lo : lo + cfg.batch_size].to(device)
-            wanted = [h for h, w in writers.items() if w.wants_rows(len(batch) * rows_per_context)]
-            captured = _capture(model, batch, wanted, stop) if wanted else {}
-            for hook, writer in writers.items():
-                if hook in captured:
-                    writer.append(_rows(captured[hook], first_position))
-                else:
-                    writer.seek(writer.next_row + len(batch) * rows_per_context)
-            bar.update(batch.numel())
-            if governor is not None:
-                now = time.perf_counter()
-                governor.step_done(now - batch_started)
-                batch_started = now
+        with follow_load(cfg.adapt_threads, device) as load:
+            for lo in range(start, n_contexts, cfg.batch_size):
+                batch = tokens_NL[lo : lo + cfg.batch_size].to(device)
+                wanted = [h for h, w in writers.items() if w.wants_rows(len(batch) * rows_per_context)]
+                captured = _capture(model, batch, wanted, stop) if wanted else {}
+                for hook, writer in writers.items():
+                    if hook in captured:
+                        writer.append(_rows(captured[hook], first_position))
+                    else:
+                        writer.seek(writer.next_row + len(batch) * rows_per_context)
+                bar.update(batch.numel())
+                load.lap()
     except BaseException:  # an interrupt too: shards already written stay, the next call resumes
         for writer in writers.values():
             writer.abort()
         raise
     finally:
-        if governor is not None:
-            governor.restore()
         bar.close()
     return {hook: writer.close() for hook, writer in writers.items()}
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .splice import ablation_hook, sae_hook
+from .threads import follow_load
 
 # -- per-batch metrics --------------------------------------------------------------------
 
@@ -231,17 +232,19 @@ def downstream_losses(model, tokens_NL: torch.Tensor, sae, hook_name: str | None
     ce = dict.fromkeys(["clean", *interventions], 0.0)
     kl = {"spliced": 0.0, "zero": 0.0}
     n_predictions = 0
-    for start in range(0, len(tokens_NL), batch_size):
-        batch = tokens_NL[start : start + batch_size].to(device)
-        untouched.BL = torch.isin(batch, special.to(device)) if len(special) else None
-        clean = model(batch)
-        ce["clean"] += float(token_losses(clean, batch).double().sum())
-        for name, hook_fn in interventions.items():
-            logits = model.run_with_hooks(batch, fwd_hooks=[(hook_name, hook_fn)])
-            ce[name] += float(token_losses(logits, batch).double().sum())
-            if name in kl:
-                kl[name] += float(kl_divergence(clean[:, :-1], logits[:, :-1]).double().sum())
-        n_predictions += batch.shape[0] * (batch.shape[1] - 1)
+    with follow_load(device=device) as load:
+        for start in range(0, len(tokens_NL), batch_size):
+            batch = tokens_NL[start : start + batch_size].to(device)
+            untouched.BL = torch.isin(batch, special.to(device)) if len(special) else None
+            clean = model(batch)
+            ce["clean"] += float(token_losses(clean, batch).double().sum())
+            for name, hook_fn in interventions.items():
+                logits = model.run_with_hooks(batch, fwd_hooks=[(hook_name, hook_fn)])
+                ce[name] += float(token_losses(logits, batch).double().sum())
+                if name in kl:
+                    kl[name] += float(kl_divergence(clean[:, :-1], logits[:, :-1]).double().sum())
+            n_predictions += batch.shape[0] * (batch.shape[1] - 1)
+            load.lap()
     ce = {name: total / n_predictions for name, total in ce.items()}
     return DownstreamLoss(
         ce_clean=ce["clean"], ce_spliced=ce["spliced"], ce_zero=ce["zero"], ce_mean=ce["mean"],
@@ -258,12 +261,14 @@ def hook_mean(model, tokens_NL: torch.Tensor, hook_name: str, batch_size: int = 
 
     total, count = None, 0
     device = next(model.parameters()).device
-    for start in range(0, len(tokens_NL), batch_size):
-        _, cache = model.run_with_cache(tokens_NL[start : start + batch_size].to(device), names_filter=hook_name,
-                                        stop_at_layer=stop_layer(model, [hook_name]))
-        x = cache[hook_name][:, 1:].reshape(-1, cache[hook_name][0, 0].numel()).double()
-        total = x.sum(0) if total is None else total + x.sum(0)
-        count += len(x)
+    with follow_load(device=device) as load:
+        for start in range(0, len(tokens_NL), batch_size):
+            _, cache = model.run_with_cache(tokens_NL[start : start + batch_size].to(device), names_filter=hook_name,
+                                            stop_at_layer=stop_layer(model, [hook_name]))
+            x = cache[hook_name][:, 1:].reshape(-1, cache[hook_name][0, 0].numel()).double()
+            total = x.sum(0) if total is None else total + x.sum(0)
+            count += len(x)
+            load.lap()
     return (total / count).float()
 
 

@@ -26,8 +26,11 @@ quiet speed to compare with, so the first steps after a short warm-up are one tr
 both settings; on a quiet machine that trial is all that happens (one step on fewer
 threads).
 
-The thread count never changes the numbers, only the speed (tests/test_threads.py checks
-that training gives the same weights bit for bit on one and on two threads).
+The thread count changes the speed, and at most the last bits of a result; TopK training
+gives the same weights bit for bit on one and on two threads (tests/test_threads.py). Loops
+use it through ``follow_load``: training, harvesting, the downstream losses and hook means
+of ``saelib.metrics``, ``FeatureActivations.collect`` and the forward passes of
+``saelib.controls``.
 """
 
 from __future__ import annotations
@@ -138,6 +141,7 @@ class ThreadGovernor:
         self.first_trial = True
         self.cooldown = 0  # steps before a slowdown at full threads may start another trial
         self.seen = 0
+        self.lap_started = time.perf_counter()  # for lap()
         self.switches = 0
         """How many times the thread count changed. On a quiet machine: 0 where the load is
         read, 2 where step times decide (the up-front trial)."""
@@ -253,3 +257,46 @@ class ThreadGovernor:
         if self.active:
             torch.set_num_threads(self.full)
             self.current = self.full
+
+    def lap(self) -> None:
+        """``step_done`` with the time since the previous ``lap`` (or since the ``with`` began)."""
+        now = time.perf_counter()
+        self.step_done(now - self.lap_started)
+        self.lap_started = now
+
+    def __enter__(self) -> "ThreadGovernor":
+        self.lap_started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+class _Unchanged:
+    """``follow_load``'s stand-in where the thread count stays as it is."""
+
+    def lap(self) -> None:
+        pass
+
+    def __enter__(self) -> "_Unchanged":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def follow_load(enabled: bool = True, device: str | torch.device = "cpu") -> ThreadGovernor | _Unchanged:
+    """``with follow_load() as load:`` around a loop of CPU work that calls ``load.lap()``
+    after each step: the thread count follows the machine's load (``ThreadGovernor``) and is
+    put back when the block ends, by an exception too. Off a CPU, or with ``enabled``
+    False, it changes nothing.
+
+    The thread count can change the last bits of a result: MKL may split a small product
+    differently on one and on two threads (the embedded model's forward pass over 2 x 32
+    tokens differs by 2e-5 at ``blocks.0.hook_mlp_out``; over 16 x 32 tokens or more it is
+    identical). Bit for bit the same on any count, by test: TopK training
+    (tests/test_threads.py), harvesting the embedded model (tests/test_harvest.py), the
+    downstream losses and feature records of the tests' small model."""
+    if not enabled or torch.device(device).type != "cpu":
+        return _Unchanged()
+    return ThreadGovernor()

@@ -44,7 +44,7 @@ from .files import content_digest, remove_orphan_tmp, write_atomic
 from .kernels import KERNELS, resolve_kernels
 from .precision import ENCODER_DTYPES, resolve_encoder_dtype
 from .store import ActivationStore, CorruptShardError, StoreError
-from .threads import ThreadGovernor
+from .threads import follow_load
 
 STATE_FILE = "trainer_state.pt"
 # TrainConfig fields a resumed run may change: they do not alter the steps taken.
@@ -111,7 +111,9 @@ class TrainConfig:
     """On a CPU, follow the machine's load: when other processes take a share of a core
     (read from /proc/stat on Linux; elsewhere, when steps slow down and fewer threads
     prove faster), run fewer intra-op threads until they leave
-    (``saelib.threads.ThreadGovernor``). The results are the same either way."""
+    (``saelib.threads.ThreadGovernor``). TopK training gives the same weights bit for bit
+    on any thread count (tests/test_threads.py); dense paths (ReLU) may differ in the last
+    bits."""
     encoder_dtype: str = "auto"
     """Precision of the TopK encoder matmul that chooses each row's k latents: ``float32``,
     ``bfloat16``, or ``auto``: bfloat16 on hardware with fast bf16 matmuls (a CPU with AMX,
@@ -821,31 +823,26 @@ def fit_together(trainers: list[SAETrainer], source, max_steps: int | None = Non
                desc=f"train {first.sae.architecture} SAE" if single else f"train {len(trainers)} SAEs")
     for trainer in trainers:
         trainer.sae.train()
-    adapt = any(t.cfg.adapt_threads for t in trainers) and first.device.type == "cpu"
-    governor = ThreadGovernor() if adapt else None
+    load = follow_load(any(t.cfg.adapt_threads for t in trainers), first.device)
     try:
-        index, step_started = start, time.perf_counter()
-        while any(t.step < last for t, last in zip(trainers, lasts)) and (batch := next(batches, None)) is not None:
-            for part, data in zip(batch, sources):
-                _check_finite(part, data, index, first.group, first.device)
-            for trainer, log, last, slot in zip(trainers, logs, lasts, slots):
-                if trainer.step == index and trainer.step < last:  # one resumed further waits for the stream
-                    record = trainer.train_step(trainer._prepared(batch[slot], sources[slot], log, extra_metrics))
-                    trainer._log_step(record, log, bar if single else None, extra_metrics)
-                    trainer._checkpoint_if_due()
-            index += 1
-            if not single:
-                bar.update(1)
-            now = time.perf_counter()
-            if governor is not None:
-                governor.step_done(now - step_started)
-            step_started = now
-            if max_minutes is not None and first._time_is_up(now - started > 60 * max_minutes):
-                break
+        with load:
+            index = start
+            while any(t.step < last for t, last in zip(trainers, lasts)) and (batch := next(batches, None)) is not None:
+                for part, data in zip(batch, sources):
+                    _check_finite(part, data, index, first.group, first.device)
+                for trainer, log, last, slot in zip(trainers, logs, lasts, slots):
+                    if trainer.step == index and trainer.step < last:  # one resumed further waits for the stream
+                        record = trainer.train_step(trainer._prepared(batch[slot], sources[slot], log, extra_metrics))
+                        trainer._log_step(record, log, bar if single else None, extra_metrics)
+                        trainer._checkpoint_if_due()
+                index += 1
+                if not single:
+                    bar.update(1)
+                load.lap()
+                if max_minutes is not None and first._time_is_up(time.perf_counter() - started > 60 * max_minutes):
+                    break
     finally:
         drop_spares()
-        if governor is not None:
-            governor.restore()
         bar.close()
         for log in logs:
             log.close()

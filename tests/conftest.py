@@ -34,3 +34,20 @@ def embedded():
     from saelib.models import load_model
 
     return load_model("embedded", device="cpu")
+
+
+@pytest.fixture
+def always_busy(monkeypatch):
+    """Machine-load readings (``saelib.threads.OtherCpuLoad``) that always report another
+    process on a whole core; yields the list of thread counts set meanwhile, from 2
+    threads at the start (the count before is put back after)."""
+    import saelib.threads
+
+    monkeypatch.setattr(saelib.threads.OtherCpuLoad, "open", classmethod(lambda cls, **kw: lambda: 1.0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    counts = []
+    set_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (counts.append(n), set_threads(n))[1])
+    yield counts
+    set_threads(before)

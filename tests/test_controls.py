@@ -250,3 +250,28 @@ def test_feature_classes_count_among_live_latents():
     assert classes["induction_features"] == 1 / 4  # only latent 0 is strong and frequent enough
     empty = feature_classes(live)
     assert np.isnan(empty["context_features"]) and np.isnan(empty["induction_features"])
+
+
+def test_control_measures_follow_the_machine_load_with_the_same_numbers(embedded, always_busy):
+    # equal up to float rounding, not bit for bit: at 2 x 32 tokens MKL splits the MLP's
+    # output product differently on one and on two threads (2e-5 apart at blocks.0.hook_mlp_out)
+    from saelib.controls import context_dependence, induction_scores, repeated_windows
+    from saelib.data import token_windows
+    from saelib.sae import SAEConfig, make_sae
+
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(d_in=embedded.cfg.d_model, d_sae=64, architecture="topk", k=8,
+                             hook_name="blocks.1.hook_resid_post"))
+    tokens = token_windows(embedded, 16 * 32, context_len=32, seed=0)
+    repeated, control = repeated_windows(np.arange(300, 3000), 16, 15, bos=0, seed=2)
+    measures = {"context": lambda: context_dependence(embedded, sae, tokens, batch_size=2),
+                "induction": lambda: induction_scores(embedded, sae, repeated, control, batch_size=2)}
+    busy = {}
+    for name, measure in measures.items():
+        always_busy.clear()
+        busy[name] = measure()
+        assert always_busy[:1] == [1] and torch.get_num_threads() == 2, name  # fewer threads, then put back
+    torch.set_num_threads(1)  # the baseline: on one thread a governor has nothing to take away
+    np.testing.assert_allclose(measures["context"](), busy["context"], rtol=1e-5, atol=1e-7)
+    for got, want in zip(measures["induction"](), busy["induction"]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

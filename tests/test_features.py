@@ -53,6 +53,13 @@ def test_sparse_record_equals_the_dense_encode(sae, store, acts):
     np.testing.assert_array_equal(acts.context_counts(), per_context_LF.sum(0))
 
 
+def test_collecting_follows_the_machine_load_with_the_same_record(sae, store, acts, always_busy):
+    busy = FeatureActivations.collect(sae, store, batch_size=7)
+    assert always_busy[:1] == [1] and torch.get_num_threads() == 2  # fewer threads, then put back
+    for name in ("rows", "values", "offsets_F1"):
+        np.testing.assert_array_equal(getattr(busy, name), getattr(acts, name))
+
+
 def test_top_examples_are_the_largest_one_per_context(sae, store, acts):
     latents_NF = dense(sae, store)
     feature = int((latents_NF != 0).sum(0).argmax())

@@ -119,20 +119,9 @@ def test_thread_count_changes_speed_not_the_stored_activations(embedded, tmp_pat
 
 
 @pytest.mark.parametrize("adapt", [True, False])
-def test_harvest_follows_the_machine_load_and_restores_the_threads(tiny_model, tokens_NL, tmp_path, monkeypatch, adapt):
-    import saelib.threads
-
-    monkeypatch.setattr(saelib.threads.OtherCpuLoad, "open", classmethod(lambda cls, **kw: lambda: 1.0))  # always busy
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    counts = []
-    set_threads = torch.set_num_threads
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: (counts.append(n), set_threads(n)))
-    try:
-        cfg = HarvestConfig(hooks=HOOKS[:1], batch_size=2, out_dir=str(tmp_path), progress=False, adapt_threads=adapt)
-        store = harvest(tiny_model, tokens_NL, cfg)[HOOKS[0]]
-        assert torch.get_num_threads() == 2  # put back
-    finally:
-        set_threads(before)
-    assert counts[:1] == ([1] if adapt else [])  # after the first batch's reading
+def test_harvest_follows_the_machine_load_and_restores_the_threads(tiny_model, tokens_NL, tmp_path, always_busy, adapt):
+    cfg = HarvestConfig(hooks=HOOKS[:1], batch_size=2, out_dir=str(tmp_path), progress=False, adapt_threads=adapt)
+    store = harvest(tiny_model, tokens_NL, cfg)[HOOKS[0]]
+    assert always_busy[:1] == ([1] if adapt else [])  # after the first batch's reading
+    assert torch.get_num_threads() == 2  # put back
     torch.testing.assert_close(store.rows(0, len(store)), expected_rows(tiny_model, tokens_NL, HOOKS[0]), atol=1e-3, rtol=1e-3)

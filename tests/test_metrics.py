@@ -191,6 +191,20 @@ def test_downstream_loss_of_perfect_and_of_empty_dictionaries(tiny_model, tokens
     assert nothing.ce_recovered == pytest.approx(0.0, abs=1e-6)
 
 
+def test_downstream_losses_follow_the_machine_load_with_the_same_numbers(tiny_model, tokens_NL, always_busy):
+    sae = identity_sae(tiny_model.cfg.d_model)
+    mean_D = metrics.hook_mean(tiny_model, tokens_NL, HOOK, batch_size=4)
+    assert always_busy[:1] == [1] and torch.get_num_threads() == 2  # fewer threads, then put back
+    always_busy.clear()
+    busy = metrics.downstream_losses(tiny_model, tokens_NL, sae, mean_D=mean_D, batch_size=4)
+    assert always_busy[:1] == [1] and torch.get_num_threads() == 2
+    torch.set_num_threads(1)  # the baseline: on one thread a governor has nothing to take away
+    settings = len(always_busy)
+    assert metrics.hook_mean(tiny_model, tokens_NL, HOOK, batch_size=4).equal(mean_D)
+    assert metrics.downstream_losses(tiny_model, tokens_NL, sae, mean_D=mean_D, batch_size=4) == busy
+    assert len(always_busy) == settings
+
+
 def test_hook_mean_skips_bos(tiny_model, tokens_NL):
     _, cache = tiny_model.run_with_cache(tokens_NL, names_filter=HOOK)
     expected = cache[HOOK][:, 1:].reshape(-1, tiny_model.cfg.d_model).mean(0)

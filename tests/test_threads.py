@@ -246,3 +246,22 @@ def test_other_cpu_load_waits_for_enough_ticks_and_needs_every_cpu(tmp_path):
     assert OtherCpuLoad.open(stat_path=str(tmp_path / "missing")) is None
     (tmp_path / "stat").write_text("".join(cpu_lines))
     assert OtherCpuLoad.open(stat_path=str(tmp_path / "stat")) is not None
+
+
+def test_training_follows_the_machine_load_with_the_same_weights(always_busy):
+    import itertools
+
+    from saelib.sae import SAEConfig
+    from saelib.train import TrainConfig, train_sae
+
+    torch.manual_seed(0)
+    pool = [torch.randn(2048, 128) for _ in range(3)]
+    weights = {}
+    for adapt in (True, False):
+        always_busy.clear()
+        cfg = TrainConfig(total_tokens=2048 * 8, batch_size=2048, progress=False, adapt_threads=adapt, dead_tokens=2048)
+        result = train_sae(SAEConfig(128, 1024, "topk", k=16), lambda: itertools.islice(itertools.cycle(pool), 8), cfg)
+        weights[adapt] = result.sae.state_dict()
+        assert always_busy[:1] == ([1] if adapt else []) and torch.get_num_threads() == 2
+    for name, tensor in weights[True].items():
+        assert torch.equal(tensor, weights[False][name]), name
