@@ -113,16 +113,22 @@ class ThreadGovernor:
     when others took more than ``reduce_above`` cores while it ran full threads, and back
     when they took less than ``restore_below`` while it ran fewer (below ``reduce_above``:
     on full threads others get less than they ask for, so the same load reads lower there,
-    and the two thresholds cannot take turns on one load)."""
+    and the two thresholds cannot take turns on one load). Both are counted beyond
+    ``spare_cpus``, the CPUs this process may use beyond its full thread count (default:
+    from its CPU affinity, e.g. the second hardware thread of each core where PyTorch runs
+    one thread per core): a load that fits there takes no core from the loop."""
 
     def __init__(self, window: int = 5, trial_steps: int = 3, slowdown: float = 1.4, recheck_every: int = 50,
                  warmup_steps: int = 2, give_up: float = 1.5,
                  load: Callable[[], float | None] | None | str = "proc", reduce_above: float = 0.3,
-                 restore_below: float = 0.2):
+                 restore_below: float = 0.2, spare_cpus: int | None = None):
         self.full = torch.get_num_threads()
         self.reduced = max(1, self.full // 2)
         self.load = (OtherCpuLoad.open() if load == "proc" else load) if self.full > 1 else None
-        self.reduce_above, self.restore_below = reduce_above, restore_below
+        if spare_cpus is None:
+            spare_cpus = len(self.load.cpus) - self.full if isinstance(self.load, OtherCpuLoad) else 0
+        self.reduce_above = max(0, spare_cpus) + reduce_above
+        self.restore_below = max(0, spare_cpus) + restore_below
         self.window_full_steps: list[float] = []  # full-thread step times since the latest load reading
         self.check: list[float] | None = None  # step times on fewer threads since the load moved us there
         self.check_against = 0.0  # the slowest full-thread step of the reading that did

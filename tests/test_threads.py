@@ -230,7 +230,7 @@ def test_other_cpu_load_reads_a_real_busy_process_and_not_this_one():
     quiet = reading_beside(busy_process=False)
     beside = reading_beside(busy_process=True)
     self_busy = reading_beside(busy_process=False, self_busy=True)
-    assert 0.7 < beside - quiet < 1.3, (quiet, beside)
+    assert beside - quiet > 0.7, (quiet, beside)  # a whole core (less the ticks' rounding)
     assert self_busy - quiet < 0.3, (quiet, self_busy)  # this process's own CPU time is not load
 
 
@@ -265,3 +265,14 @@ def test_training_follows_the_machine_load_with_the_same_weights(always_busy):
         assert always_busy[:1] == ([1] if adapt else []) and torch.get_num_threads() == 2
     for name, tensor in weights[True].items():
         assert torch.equal(tensor, weights[False][name]), name
+
+
+def test_a_load_that_fits_on_spare_cpus_keeps_full_threads(two_threads):
+    # four CPUs for two threads (e.g. two cores with two hardware threads each): one busy
+    # process reads 1.0 and still leaves the loop's threads a CPU each
+    load = SimulatedLoad(reads=1.0)
+    governor = ThreadGovernor(load=load, spare_cpus=2)
+    assert run(governor, 50, loaded=False) == [2] * 50
+    load.reads = 2.5  # more than the spare CPUs hold
+    assert run(governor, 10, loaded=True)[-5:] == [1] * 5
+
