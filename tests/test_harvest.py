@@ -99,8 +99,9 @@ def test_nan_weights_stop_the_harvest_with_a_clear_error(tiny_model, tokens_NL, 
 
 
 def test_thread_count_changes_speed_not_the_stored_activations(embedded, tmp_path):
-    """The thread governor may change the thread count between batches (``adapt_threads``),
-    which is safe only because the bytes written do not depend on it."""
+    """The thread governor may change the thread count between batches (``adapt_threads``):
+    for the embedded model at this batch the bytes written do not depend on it (at 2 x 32
+    tokens they would: see ``saelib.threads.follow_load``)."""
     from saelib.data import token_windows
 
     windows = token_windows(embedded, 48 * 128)

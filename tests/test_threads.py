@@ -137,7 +137,7 @@ def test_notebook_kernels_get_a_short_openmp_spin(first, preset, expected):
 
 class SimulatedLoad:
     """What ``OtherCpuLoad`` reads on the machine of ``step_time``: one reading every
-    ``every`` calls (the real one waits for half a second of ticks). Beside a busy process
+    ``every`` calls (the real one waits for 0.3 s of ticks). Beside a busy process
     others get about half a core while the loop runs two threads (the core is shared) and a
     whole core while it runs one; ``reads`` overrides that (a reading that misdescribes)."""
 
