@@ -10,8 +10,8 @@ follows it while the loop runs.
 
 Where the kernel says how busy each CPU is (Linux's /proc/stat), it reads the CPU time
 that *other* processes took on this process's CPUs (``OtherCpuLoad``) every 0.3 s or so:
-when they take a share of a core, it moves to fewer threads; when they leave, it moves
-back. No step is spent trying a setting, which matters because one step on full threads
+for each core they take, it gives up one thread (7 of 8 beside one busy process); when
+they leave, it takes the threads back. No step is spent trying a setting, which matters because one step on full threads
 beside a busy process took 5x as long as a step on one thread (issue 20's Xeon). After
 each move to fewer threads it checks the step times once: if fewer threads turn out
 slower (a reading that does not describe this machine, e.g. a CPU quota in a container),
@@ -35,6 +35,7 @@ of ``saelib.metrics``, ``FeatureActivations.collect`` and the forward passes of
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -109,29 +110,32 @@ class ThreadGovernor:
 
     ``load``: a function giving the cores other processes took since its last call, or None
     when it has no reading yet (``OtherCpuLoad``, the default where /proc/stat can be read);
-    None: decide by step times alone. With a reading, the governor moves to fewer threads
-    when others took more than ``reduce_above`` cores while it ran full threads, and back
-    when they took less than ``restore_below`` while it ran fewer (below ``reduce_above``:
-    on full threads others get less than they ask for, so the same load reads lower there,
-    and the two thresholds cannot take turns on one load). Both are counted beyond
-    ``spare_cpus``, the CPUs this process may use beyond its full thread count (default:
-    from its CPU affinity, e.g. the second hardware thread of each core where PyTorch runs
-    one thread per core): a load that fits there takes no core from the loop."""
+    None: decide by step times alone. With a reading, the governor gives up one thread for
+    each core others take beyond the threads it already gave up, once they take more than
+    ``reduce_above`` of a core beyond that, and takes one back for each given-up core they
+    leave idle by more than ``1 - restore_below`` (``threads_for``): on 8 cores beside one
+    busy process it runs 7 threads, beside two 6. ``restore_below`` is below
+    ``reduce_above`` because on a shared core others get less than they ask for, so the
+    same load reads lower on more threads, and the two thresholds cannot take turns on one
+    load. Both are counted beyond ``spare_cpus``, the CPUs this process may use beyond its
+    full thread count (default: from its CPU affinity, e.g. the second hardware thread of
+    each core where PyTorch runs one thread per core): a load that fits there takes no
+    core from the loop. Step times alone know only full threads and half."""
 
     def __init__(self, window: int = 5, trial_steps: int = 3, slowdown: float = 1.4, recheck_every: int = 50,
                  warmup_steps: int = 2, give_up: float = 1.5,
                  load: Callable[[], float | None] | None | str = "proc", reduce_above: float = 0.3,
                  restore_below: float = 0.2, spare_cpus: int | None = None):
         self.full = torch.get_num_threads()
-        self.reduced = max(1, self.full // 2)
+        self.reduced = max(1, self.full // 2)  # the one lower setting that step times try
         self.load = (OtherCpuLoad.open() if load == "proc" else load) if self.full > 1 else None
         if spare_cpus is None:
             spare_cpus = len(self.load.cpus) - self.full if isinstance(self.load, OtherCpuLoad) else 0
-        self.reduce_above = max(0, spare_cpus) + reduce_above
-        self.restore_below = max(0, spare_cpus) + restore_below
-        self.window_full_steps: list[float] = []  # full-thread step times since the latest load reading
-        self.check: list[float] | None = None  # step times on fewer threads since the load moved us there
-        self.check_against = 0.0  # the slowest full-thread step of the reading that did
+        self.spare_cpus = max(0, spare_cpus)
+        self.reduce_above, self.restore_below = reduce_above, restore_below
+        self.window_steps: list[float] = []  # step times at the current count since the latest load reading
+        self.check: list[float] | None = None  # step times since the load moved us to fewer threads
+        self.check_against = 0.0  # the slowest step before that move, of the reading that made it
         self.window, self.trial_steps, self.slowdown = window, trial_steps, slowdown
         self.recheck_every, self.warmup_steps, self.give_up = recheck_every, warmup_steps, give_up
         self.last_full: float | None = None  # the latest step time seen on full threads
@@ -230,11 +234,30 @@ class ThreadGovernor:
             if self.steps_on_reduced >= self.recheck_interval:
                 self._start_trial([self.full, self.reduced])
 
+    def threads_for(self, others: float) -> int:
+        """The thread count to run next, given that other processes took ``others`` cores
+        (a load reading) while this loop ran ``current`` threads.
+
+        Cores that others take beyond the spare CPUs and beyond the threads already given up
+        (``excess``) cost one thread each, less ``reduce_above``: one busy process beside 8
+        threads on 8 cores reads about half a core (its core is shared) and moves to 7
+        threads, not to 4. Given-up cores that others leave idle (``room``) come back one
+        thread each once they are idle by more than ``1 - restore_below`` cores. On two
+        cores this is the rule of old: one thread above a reading of 0.3 on two, two below
+        0.2 on one."""
+        taken = max(0.0, others - self.spare_cpus)
+        given_up = self.full - self.current
+        excess = taken - given_up
+        if excess > self.reduce_above:
+            return max(1, self.current - math.ceil(excess - self.reduce_above))
+        room = given_up - taken
+        return min(self.full, self.current + max(0, math.ceil(room + self.restore_below - 1)))
+
     def _follow_load(self, seconds: float) -> None:
         """``step_done`` where other processes' CPU time can be read."""
-        if self.current == self.full:
-            self.window_full_steps.append(seconds)
-        elif self.check is not None:
+        if self.check is None:
+            self.window_steps.append(seconds)
+        else:
             self.check.append(seconds)
             slower = (seconds > self.give_up * self.check_against if len(self.check) == 1
                       else len(self.check) >= self.trial_steps and statistics.median(self.check) > self.check_against)
@@ -250,13 +273,16 @@ class ThreadGovernor:
         others = self.load()
         if others is None:
             return
-        if self.current == self.full and others > self.reduce_above:
-            self.check, self.check_against = [], max(self.window_full_steps)
-            self._set(self.reduced)
-        elif self.current != self.full and others < self.restore_below:
+        threads = self.threads_for(others)
+        if threads < self.current:
+            if self.check is None:  # a move down while checking the last one keeps that check's baseline
+                self.check_against = max(self.window_steps, default=seconds)
+            self.check = []
+            self._set(threads)
+        elif threads > self.current:
             self.check = None
-            self._set(self.full)
-        self.window_full_steps = []
+            self._set(threads)
+        self.window_steps = []
 
     def restore(self) -> None:
         """Put back the thread count the loop started with."""

@@ -276,3 +276,81 @@ def test_a_load_that_fits_on_spare_cpus_keeps_full_threads(two_threads):
     load.reads = 2.5  # more than the spare CPUs hold
     assert run(governor, 10, loaded=True)[-5:] == [1] * 5
 
+
+
+class SimulatedMachine:
+    """A machine of ``cores`` cores beside ``busy`` processes that each spin on a core, for
+    a loop whose step is 8 units of work split over its threads. A step takes 8 / threads
+    while every thread has a core of its own, and four times that once a thread shares its
+    core with a busy process (the op waits for that thread while the others spin: issue
+    20's Xeon measured 4x on two cores). Called, it is the load reading ``OtherCpuLoad``
+    would give, once every ``every`` calls: the busy processes' cores, less half of each
+    core they share with a thread of the loop."""
+
+    def __init__(self, cores: int, every: int = 2):
+        self.cores, self.every, self.busy, self.calls = cores, every, 0, 0
+
+    def shared(self, threads: int) -> int:
+        return max(0, min(self.busy, threads + self.busy - self.cores))
+
+    def step_time(self, threads: int) -> float:
+        return 8.0 / threads * (4.0 if self.shared(threads) else 1.0)
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls % self.every:
+            return None
+        return self.busy - 0.5 * self.shared(torch.get_num_threads())
+
+    def run(self, governor: ThreadGovernor, steps: int, busy: int) -> list[int]:
+        self.busy, used = busy, []
+        for _ in range(steps):
+            used.append(governor.current)
+            governor.step_done(self.step_time(governor.current))
+        return used
+
+
+@pytest.fixture
+def eight_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_many_cores_give_up_one_thread_per_busy_process(eight_threads):
+    machine = SimulatedMachine(cores=8)
+    governor = ThreadGovernor(load=machine)
+    assert machine.run(governor, 20, busy=0) == [8] * 20
+    one = machine.run(governor, 20, busy=1)
+    assert one == [8, 8] + [7] * 18  # within one reading
+    # halving (the one lower setting before, and still the one step times know) would have
+    # run the same 20 steps as [8, 8] + [4] * 18: 44 units of time against 28.6
+    halving = [8, 8] + [4] * 18
+    assert sum(map(machine.step_time, one)) < 0.7 * sum(map(machine.step_time, halving))
+    two = machine.run(governor, 20, busy=2)
+    assert two[:2] == [7, 7] and two[-10:] == [6] * 10
+    assert machine.run(governor, 20, busy=1)[-10:] == [7] * 10  # one leaves: its thread comes back
+    assert machine.run(governor, 20, busy=0)[-10:] == [8] * 10
+    assert governor.load is machine  # no move down was slower, so the readings were kept throughout
+    governor.restore()
+    assert torch.get_num_threads() == 8
+
+
+def test_several_busy_processes_at_once_settle_within_two_readings(eight_threads):
+    machine = SimulatedMachine(cores=8)
+    governor = ThreadGovernor(load=machine)
+    # beside eight threads three busy processes read 1.5 cores (they share three cores);
+    # two threads go at once, and beside six the one core still shared costs one more
+    used = machine.run(governor, 20, busy=3)
+    assert used[:6] == [8, 8, 6, 6, 5, 5] and used[6:] == [5] * 14
+    assert governor.switches == 2 and governor.load is machine
+
+
+def test_many_cores_a_reading_that_misdescribes_is_dropped(eight_threads):
+    # the reading says three cores are taken, but the machine is quiet: five threads are
+    # slower than eight, so the first step there ends the readings' say
+    machine = SimulatedMachine(cores=8)
+    governor = ThreadGovernor(load=lambda: 3.0)
+    used = machine.run(governor, 30, busy=0)
+    assert used[:3] == [8, 5, 8] and used[3:] == [8] * 27 and governor.load is None
