@@ -284,6 +284,38 @@ def profile_step(args) -> None:
         print("largest ops (self time):")
         for key, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[:12]:
             print(f"{key:>40s} {ms:8.2f} ms")
+        print_ceiling(trainer, d_in, d_sae)
+
+
+def best_ms(work, repeats: int = 5) -> float:
+    """Best wall time of ``work()`` over ``repeats`` calls after one warm-up, in ms."""
+    work()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return min(times) * 1e3
+
+
+def print_ceiling(trainer, d_in: int, d_sae: int) -> None:
+    """The highest "share of matmul" any trainer of this SAE with Adam could reach here.
+    Besides the encoder's matmul, a step must at least update every weight (the
+    optimiser's step over all of them, timed alone on the trainer's own parameters and
+    gradients) and, unless the top-k is fused into the matmul, read its output once (timed
+    as torch's fastest pass over the [batch, d_sae] pre-activations, a whole-tensor max:
+    the row-wise ``amax`` a top-k would start from took 1-3x as long on issue 20's Xeon).
+    The ceiling is the matmul's time over the sum; the target of 80% needs everything else
+    within a quarter of it."""
+    fastest = max((torch.float32, torch.bfloat16), key=lambda dtype: matmul_flops(d_in, d_sae, dtype=dtype))
+    matmul_ms = 2 * BATCH * d_in * d_sae / matmul_flops(d_in, d_sae, dtype=fastest) * 1e3
+    optimiser_ms = best_ms(trainer.optimizer.step)
+    pre_BF = torch.randn(BATCH, d_sae).to(fastest)
+    read_ms = best_ms(pre_BF.max)
+    print(f"ceiling: {str(fastest).removeprefix('torch.')} matmul {matmul_ms:.1f} ms, Adam step over every weight "
+          f"{optimiser_ms:.1f} ms, one read of the pre-activations {read_ms:.1f} ms: at most "
+          f"{matmul_ms / (matmul_ms + optimiser_ms):.0%} of matmul with the top-k fused into it, "
+          f"{matmul_ms / (matmul_ms + optimiser_ms + read_ms):.0%} without")
 
 
 def ddp_worker(shape: str, steps: int) -> None:
