@@ -143,7 +143,14 @@ def dead_picker(dead_F: torch.Tensor | None, aux_k: int):
 
 
 class SparseAutoencoder(nn.Module):
-    """Base class: parameters, encoder/decoder algebra, decoder-norm helpers, save."""
+    """Base class: parameters, encoder/decoder algebra, decoder-norm helpers, save.
+
+    ``W_enc`` is [d_in, d_sae] (SAELens's layout) but its memory holds d_sae rows of d_in,
+    so it is not contiguous: indexing, products, ``.reshape``, ``.detach().numpy()`` and
+    ``state_dict()`` work as usual, ``W_enc.view(...)`` raises, and so does
+    ``torch.nn.utils.parameters_to_vector(sae.parameters())`` (it views each parameter);
+    use ``torch.cat([p.reshape(-1) for p in sae.parameters()])`` or ``W_enc.contiguous()``
+    there. ``W_enc.T`` is contiguous."""
 
     architecture = "base"
     trains = True  # False for inference-only kinds (JumpReLU loaded from SAELens)
