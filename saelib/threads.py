@@ -12,7 +12,9 @@ Where the kernel says how busy each CPU is (Linux's /proc/stat), it reads the CP
 that *other* processes took on this process's CPUs (``OtherCpuLoad``) every 0.3 s or so:
 for each core they take, it gives up one thread (7 of 8 beside one busy process); when
 they leave, it takes the threads back. No step is spent trying a setting, which matters because one step on full threads
-beside a busy process took 5x as long as a step on one thread (issue 20's Xeon). After
+beside a busy process took 5x as long as a step on one thread (issue 20's Xeon); for the
+same reason a loop starts on fewer threads when other processes' threads are runnable at
+that moment (``OtherCpuLoad.runnable_now``), before the first reading. After
 each move to fewer threads it checks the step times once: if fewer threads turn out
 slower (a reading that does not describe this machine, e.g. a CPU quota in a container),
 it goes back and from then on decides by step times alone, as it does where there is
@@ -85,6 +87,30 @@ class OtherCpuLoad:
             raise ValueError(f"{self.stat_path}: found {seen} of this process's {len(self.cpus)} CPUs")
         return busy_ticks * self.tick_seconds
 
+    def runnable_now(self, samples: int = 3) -> int | None:
+        """How many threads of other processes are running or waiting to run right now, the
+        fewest of ``samples`` looks 1 ms apart (a short-lived task seldom shows in all of
+        them): the kernel's count of runnable threads (``procs_running`` in /proc/stat) less
+        this process's own. None where this process may not use every CPU (the count is the
+        whole machine's) or it cannot be read. A start-up guess for the thread count:
+        unlike a reading of CPU time it needs no interval to pass."""
+        if len(self.cpus) != os.cpu_count():
+            return None
+        fewest = None
+        try:
+            for sample in range(samples):
+                if sample:
+                    time.sleep(0.001)
+                with open(self.stat_path) as stat:
+                    running = next(int(line.split()[1]) for line in stat if line.startswith("procs_running"))
+                now = max(0, running - _own_running_threads())
+                fewest = now if fewest is None else min(fewest, now)
+                if fewest == 0:
+                    break  # on a quiet machine one look is enough
+        except (OSError, ValueError, StopIteration):
+            return None
+        return fewest
+
     def _sample(self) -> tuple[float, float, float]:
         return time.perf_counter(), self._busy_seconds(), time.process_time()
 
@@ -95,6 +121,19 @@ class OtherCpuLoad:
         self.last = now
         wall1, busy1, own1 = now
         return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
+
+
+def _own_running_threads() -> int:
+    """This process's threads that are running or runnable (state R): this one, and
+    OpenMP's workers while they spin after an op."""
+    running = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as stat:
+                running += stat.read().rpartition(")")[2].split()[0] == "R"
+        except OSError:  # the thread ended meanwhile
+            pass
+    return running
 
 
 class ThreadGovernor:
@@ -296,7 +335,20 @@ class ThreadGovernor:
         self.step_done(now - self.lap_started)
         self.lap_started = now
 
+    def start_guess(self) -> None:
+        """Start on fewer threads when other processes' threads are runnable at this moment
+        (``OtherCpuLoad.runnable_now``), one thread fewer for each beyond the spare CPUs:
+        the first load reading comes only after 0.3 s, and beside a busy process the steps
+        before it ran at a third of one thread's speed (a first step of 340-470 ms against
+        110-130 ms on one thread, issue 20's Xeon). A wrong guess (a task that ran only
+        then) costs those steps on fewer threads, until the first reading takes them back."""
+        runnable = getattr(self.load, "runnable_now", None)
+        others = runnable() if self.active and callable(runnable) else None
+        if others is not None:
+            self._set(max(1, min(self.current, self.full - max(0, others - self.spare_cpus))))
+
     def __enter__(self) -> "ThreadGovernor":
+        self.start_guess()
         self.lap_started = time.perf_counter()
         return self
 

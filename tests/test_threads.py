@@ -354,3 +354,90 @@ def test_many_cores_a_reading_that_misdescribes_is_dropped(eight_threads):
     governor = ThreadGovernor(load=lambda: 3.0)
     used = machine.run(governor, 30, busy=0)
     assert used[:3] == [8, 5, 8] and used[3:] == [8] * 27 and governor.load is None
+
+
+class LoadWithStartGuess(SimulatedLoad):
+    """``SimulatedLoad`` that also counts other processes' runnable threads at the moment
+    (``OtherCpuLoad.runnable_now``): one beside the busy process, ``transient`` more on a
+    quiet machine (a task that happens to run just then)."""
+
+    def __init__(self, transient: int = 0):
+        super().__init__()
+        self.transient = transient
+
+    def runnable_now(self) -> int:
+        return 1 if self.loaded else self.transient
+
+
+def loop_with(governor: ThreadGovernor, load: SimulatedLoad, steps: int, loaded: bool) -> list[int]:
+    """``run_with`` inside ``with governor:``, as ``follow_load`` runs it."""
+    load.loaded = loaded
+    with governor:
+        return run(governor, steps, loaded)
+
+
+def test_a_machine_busy_at_the_start_starts_on_fewer_threads(two_threads):
+    load = LoadWithStartGuess()
+    guessed = loop_with(ThreadGovernor(load=load), load, 20, loaded=True)
+    assert guessed == [1] * 20 and torch.get_num_threads() == 2  # put back at the end
+    load = SimulatedLoad()  # the same without the guess: two steps on two threads, at 4.0 each
+    read_only = loop_with(ThreadGovernor(load=load), load, 20, loaded=True)
+    assert read_only == [2, 2] + [1] * 18
+    cost = lambda used: sum(step_time(t, True) for t in used)  # noqa: E731
+    assert cost(guessed) < cost(read_only) - 2 * (4.0 - 1.9) + 1e-9
+
+
+def test_a_quiet_start_keeps_full_threads_and_a_wrong_guess_lasts_one_reading(two_threads):
+    load = LoadWithStartGuess()
+    governor = ThreadGovernor(load=load)
+    assert loop_with(governor, load, 20, loaded=False) == [2] * 20 and governor.switches == 0
+    load = LoadWithStartGuess(transient=1)  # something ran just as the loop started
+    assert loop_with(ThreadGovernor(load=load), load, 20, loaded=False) == [1, 1] + [2] * 18
+
+
+def test_the_start_guess_counts_only_busy_processes_beyond_spare_cpus(eight_threads):
+    load = LoadWithStartGuess()
+    load.runnable_now = lambda: 3
+    with ThreadGovernor(load=load) as governor:
+        assert governor.current == 5
+    with ThreadGovernor(load=load, spare_cpus=2) as governor:
+        assert governor.current == 7
+    assert torch.get_num_threads() == 8
+
+
+def runnable_beside(busy_process: bool, busy_thread: bool = False) -> int:
+    """``OtherCpuLoad.runnable_now`` with a busy process pinned to one of this process's
+    CPUs, or a thread of this process busy with PyTorch products (the GIL released)."""
+    import threading
+
+    probe, process, stop = OtherCpuLoad(), None, threading.Event()
+    if busy_process:
+        core = min(os.sched_getaffinity(0))
+        process = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+        time.sleep(0.5)
+    worker = None
+    if busy_thread:
+        def products():
+            a = torch.randn(256, 256)
+            while not stop.is_set():
+                a @ a
+        worker = threading.Thread(target=products)
+        worker.start()
+        time.sleep(0.2)
+    try:
+        return probe.runnable_now(samples=5)
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.join()
+        if process is not None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.skipif(OtherCpuLoad.open() is None or OtherCpuLoad().runnable_now() is None,
+                    reason="needs Linux's /proc/stat and every CPU in this process's affinity")
+def test_runnable_now_counts_a_busy_process_and_not_this_ones_threads():
+    quiet = runnable_beside(busy_process=False)
+    assert runnable_beside(busy_process=True) - quiet >= 1
+    assert runnable_beside(busy_process=False, busy_thread=True) - quiet < 1
