@@ -13,12 +13,19 @@ import torch
 from saelib.threads import OtherCpuLoad, ThreadGovernor
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def threads_fixture(count: int):
+    """A fixture that runs its test with ``count`` PyTorch threads and puts the count back."""
+    @pytest.fixture
+    def fixture():
+        before = torch.get_num_threads()
+        torch.set_num_threads(count)
+        yield
+        torch.set_num_threads(before)
+    return fixture
+
+
+two_threads = threads_fixture(2)
+eight_threads = threads_fixture(8)  # a many-core machine's count, for the simulated one
 
 
 def step_time(threads: int, loaded: bool) -> float:
@@ -308,14 +315,6 @@ class SimulatedMachine:
             used.append(governor.current)
             governor.step_done(self.step_time(governor.current))
         return used
-
-
-@pytest.fixture
-def eight_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(8)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_many_cores_give_up_one_thread_per_busy_process(eight_threads):
