@@ -235,6 +235,8 @@ def reading_beside(busy_process: bool, self_busy: bool = False, seconds: float =
 @pytest.mark.skipif(OtherCpuLoad.open() is None, reason="needs Linux's /proc/stat")
 def test_other_cpu_load_reads_a_real_busy_process_and_not_this_one():
     quiet = reading_beside(busy_process=False)
+    if quiet > len(os.sched_getaffinity(0)) - 1:  # e.g. another test run beside this one
+        pytest.skip(f"other processes already take {quiet:.1f} cores: no idle core for the busy process to show on")
     beside = reading_beside(busy_process=True)
     self_busy = reading_beside(busy_process=False, self_busy=True)
     assert beside - quiet > 0.7, (quiet, beside)  # a whole core (less the ticks' rounding)
