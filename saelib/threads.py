@@ -11,14 +11,14 @@ follows it while the loop runs.
 Where the kernel says how busy each CPU is (Linux's /proc/stat), it reads the CPU time
 that *other* processes took on this process's CPUs (``OtherCpuLoad``) every 0.3 s or so:
 for each core they take, it gives up one thread (7 of 8 beside one busy process); when
-they leave, it takes the threads back. No step is spent trying a setting, which matters because one step on full threads
-beside a busy process took 5x as long as a step on one thread (issue 20's Xeon); for the
-same reason a loop starts on fewer threads when other processes' threads are runnable at
-that moment (``OtherCpuLoad.runnable_now``), before the first reading. After
-each move to fewer threads it checks the step times once: if fewer threads turn out
-slower (a reading that does not describe this machine, e.g. a CPU quota in a container),
-it goes back and from then on decides by step times alone, as it does where there is
-no /proc/stat.
+they leave, it takes the threads back. No step is spent trying a setting, which matters
+because one step on full threads beside a busy process took 5x as long as a step on one
+thread (issue 20's Xeon); for the same reason a loop starts on fewer threads when other
+processes' threads are runnable at that moment (``OtherCpuLoad.runnable_now``), before
+the first reading. After each move to fewer threads it checks the step times once: if
+fewer threads turn out slower (a reading that does not describe this machine, e.g. a CPU
+quota in a container), it goes back to full threads and from then on decides by step
+times alone, as it does where there is no /proc/stat.
 
 By step times: when steps slow down beyond what the quiet machine gave, it tries fewer
 threads for a few steps and keeps whichever was faster; every ``recheck_every`` steps on
