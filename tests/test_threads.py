@@ -286,7 +286,6 @@ def test_a_load_that_fits_on_spare_cpus_keeps_full_threads(two_threads):
     assert run(governor, 10, loaded=True)[-5:] == [1] * 5
 
 
-
 class SimulatedMachine:
     """A machine of ``cores`` cores beside ``busy`` processes that each spin on a core, for
     a loop whose step is 8 units of work split over its threads. A step takes 8 / threads
