@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .splice import spliced
+from .threads import follow_load
 from .zoo.ioi_templates import IOI_EVAL_TEMPLATES, IOI_OBJECTS, IOI_PLACES, template_prompt
 
 
@@ -74,20 +75,22 @@ def ioi_prompts(
 def ioi_logit_diffs(model, prompts: list[IOIPrompt], batch_size: int = 32) -> torch.Tensor:
     """logit(IO) - logit(S) at each prompt's last position: [n_prompts]."""
     diffs = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        rows = [model.to_tokens(p.text)[0] for p in batch]
-        lengths = torch.tensor([len(r) for r in rows])
-        # Right padding is harmless: causal attention never looks ahead of the last real token.
-        tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-        for i, row in enumerate(rows):
-            tokens[i, : len(row)] = row
-        logits = model(tokens.to(model.cfg.device))
-        last = logits[torch.arange(len(rows)), lengths - 1]
-        io_ids = torch.tensor([model.to_single_token(" " + p.io) for p in batch])
-        s_ids = torch.tensor([model.to_single_token(" " + p.s) for p in batch])
-        rows_idx = torch.arange(len(rows))
-        diffs.append((last[rows_idx, io_ids] - last[rows_idx, s_ids]).cpu())
+    with follow_load(device=model.cfg.device) as load:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            rows = [model.to_tokens(p.text)[0] for p in batch]
+            lengths = torch.tensor([len(r) for r in rows])
+            # Right padding is harmless: causal attention never looks ahead of the last real token.
+            tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+            for i, row in enumerate(rows):
+                tokens[i, : len(row)] = row
+            logits = model(tokens.to(model.cfg.device))
+            last = logits[torch.arange(len(rows)), lengths - 1]
+            io_ids = torch.tensor([model.to_single_token(" " + p.io) for p in batch])
+            s_ids = torch.tensor([model.to_single_token(" " + p.s) for p in batch])
+            rows_idx = torch.arange(len(rows))
+            diffs.append((last[rows_idx, io_ids] - last[rows_idx, s_ids]).cpu())
+            load.lap()
     return torch.cat(diffs)
 
 
@@ -160,27 +163,33 @@ def patching_curve(model, sae, batches: list[PairBatch], n_edited: list[int]) ->
     groups_GM = latent_groups(sae).to(sae.W_dec.device)
     totals = {n: torch.zeros(3) for n in n_edited}
     count = 0
-    for batch in batches:
-        target_BV = model(batch.counterfactual_BL)[:, -1].float()
-        with spliced(model, sae, with_error=True) as record:
-            model(batch.counterfactual_BL)
-            other_BLF = record[hook]
-            model(batch.clean_BL)
-            clean_BLF = record[hook]
-        change_BG = (other_BLF - clean_BLF)[:, 1:].abs().sum(1)[:, groups_GM].sum(-1)
-        order_BG = change_BG.argsort(dim=1, descending=True)
-        rows = torch.arange(len(target_BV))
-        for n in n_edited:
-            latents_BN = groups_GM[order_BG[:, :n]].flatten(1)
+    # A step of the thread governor is one forward pass: they cost alike within a batch.
+    with follow_load(device=model.cfg.device) as load:
+        for batch in batches:
+            target_BV = model(batch.counterfactual_BL)[:, -1].float()
+            load.lap()
+            with spliced(model, sae, with_error=True) as record:
+                model(batch.counterfactual_BL)
+                other_BLF = record[hook]
+                load.lap()
+                model(batch.clean_BL)
+                clean_BLF = record[hook]
+                load.lap()
+            change_BG = (other_BLF - clean_BLF)[:, 1:].abs().sum(1)[:, groups_GM].sum(-1)
+            order_BG = change_BG.argsort(dim=1, descending=True)
+            rows = torch.arange(len(target_BV))
+            for n in n_edited:
+                latents_BN = groups_GM[order_BG[:, :n]].flatten(1)
 
-            def edit(latents_BLF, hook_point, latents_BN=latents_BN):
-                index_BLN = latents_BN[:, None, :].expand(-1, latents_BLF.shape[1], -1)
-                return latents_BLF.scatter_(2, index_BLN, other_BLF.gather(2, index_BLN))
+                def edit(latents_BLF, hook_point, latents_BN=latents_BN):
+                    index_BLN = latents_BN[:, None, :].expand(-1, latents_BLF.shape[1], -1)
+                    return latents_BLF.scatter_(2, index_BLN, other_BLF.gather(2, index_BLN))
 
-            with spliced(model, sae, with_error=True, edit=edit):
-                patched_BV = model(batch.clean_BL)[:, -1].float()
-            kl_B = F.kl_div(F.log_softmax(patched_BV, -1), F.log_softmax(target_BV, -1), log_target=True, reduction="none").sum(-1)
-            diff_B = patched_BV[rows, batch.io_B] - patched_BV[rows, batch.s_B]
-            totals[n] += torch.stack([kl_B.sum(), diff_B.sum(), (diff_B < 0).float().sum()]).cpu()
-        count += len(target_BV)
+                with spliced(model, sae, with_error=True, edit=edit):
+                    patched_BV = model(batch.clean_BL)[:, -1].float()
+                kl_B = F.kl_div(F.log_softmax(patched_BV, -1), F.log_softmax(target_BV, -1), log_target=True, reduction="none").sum(-1)
+                diff_B = patched_BV[rows, batch.io_B] - patched_BV[rows, batch.s_B]
+                totals[n] += torch.stack([kl_B.sum(), diff_B.sum(), (diff_B < 0).float().sum()]).cpu()
+                load.lap()
+            count += len(target_BV)
     return [PatchPoint(n, *(totals[n] / count).tolist()) for n in n_edited]

@@ -31,8 +31,8 @@ threads).
 The thread count changes the speed, and at most the last bits of a result; TopK training
 gives the same weights bit for bit on one and on two threads (tests/test_threads.py). Loops
 use it through ``follow_load``: training, harvesting, the downstream losses and hook means
-of ``saelib.metrics``, ``FeatureActivations.collect`` and the forward passes of
-``saelib.controls``.
+of ``saelib.metrics``, ``FeatureActivations.collect``, the forward passes of
+``saelib.controls`` and the IOI measurements of ``saelib.ioi``.
 """
 
 from __future__ import annotations

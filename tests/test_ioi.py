@@ -3,7 +3,7 @@ import json
 import torch
 
 from saelib.baselines import random_basis, signed_basis_sae
-from saelib.ioi import counterfactual, ioi_prompts, latent_groups, model_single_token_names, pair_batches, patching_curve
+from saelib.ioi import counterfactual, ioi_logit_diffs, ioi_prompts, latent_groups, model_single_token_names, pair_batches, patching_curve
 from saelib.paths import data_dir
 from saelib.sae import SAEConfig, make_sae
 
@@ -53,3 +53,22 @@ def test_latent_groups_pair_the_signs_of_a_basis_direction():
     assert latent_groups(basis).tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
     sae = make_sae(SAEConfig(d_in=4, d_sae=6, architecture="topk", k=2))
     assert latent_groups(sae).tolist() == [[i] for i in range(6)]
+
+
+def test_ioi_measures_follow_the_machine_load_with_the_same_numbers(embedded, always_busy):
+    prompts = _prompts(embedded)
+    batches = pair_batches(embedded, prompts)
+    basis = signed_basis_sae(random_basis(embedded.cfg.d_model, seed=1), k=embedded.cfg.d_model, hook_name=HOOK)
+    busy_diffs = ioi_logit_diffs(embedded, prompts, batch_size=4)
+    assert always_busy[:1] == [1] and torch.get_num_threads() == 2  # fewer threads, then put back
+    always_busy.clear()
+    busy_curve = patching_curve(embedded, basis, batches, [0, 4, embedded.cfg.d_model])
+    assert always_busy[:1] == [1] and torch.get_num_threads() == 2
+    torch.set_num_threads(1)  # the baseline: on one thread a governor has nothing to take away
+    settings = len(always_busy)
+    # the first forward pass ran on two threads: products this small may differ in the last bits
+    torch.testing.assert_close(ioi_logit_diffs(embedded, prompts, batch_size=4), busy_diffs, rtol=1e-5, atol=1e-5)
+    for quiet, busy in zip(patching_curve(embedded, basis, batches, [0, 4, embedded.cfg.d_model]), busy_curve):
+        assert quiet.n_edited == busy.n_edited and quiet.flipped == busy.flipped
+        assert abs(quiet.kl - busy.kl) < 1e-5 and abs(quiet.logit_diff - busy.logit_diff) < 1e-4
+    assert len(always_busy) == settings
