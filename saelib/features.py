@@ -65,17 +65,21 @@ class FeatureActivations:
             for start in range(0, total, batch_size):
                 latents_NF = sae.encode(store.rows(start, min(total, start + batch_size)).to(device))
                 row_index, latent_index = latents_NF.nonzero(as_tuple=True)
-                pieces_rows.append((row_index + start).cpu().numpy())
-                pieces_latents.append(latent_index.cpu().numpy())
-                pieces_values.append(latents_NF[row_index, latent_index].float().cpu().numpy())
+                pieces_rows.append((row_index + start).cpu())
+                pieces_latents.append(latent_index.cpu())
+                pieces_values.append(latents_NF[row_index, latent_index].float().cpu())
                 load.lap()
-        rows = np.concatenate(pieces_rows).astype(np.int64)
-        latents = np.concatenate(pieces_latents).astype(np.int64)
-        values = np.concatenate(pieces_values).astype(np.float32)
-        order = np.lexsort((rows, latents))  # by latent, then row
-        counts = np.bincount(latents, minlength=sae.cfg.d_sae)
+        empty = torch.zeros(0, dtype=torch.long)
+        rows, latents = torch.cat(pieces_rows or [empty]), torch.cat(pieces_latents or [empty])
+        values = torch.cat(pieces_values or [empty.float()])
+        # nonzero() lists entries row by row, so a stable sort by latent keeps each latent's
+        # rows ascending. In torch, not numpy: a radix sort and gathers on every thread, and
+        # no fresh huge pages (numpy asks for them; a VM may take milliseconds to back each
+        # one): 1.1 s against 5-12 s in numpy for a dense baseline's 20M entries.
+        order = torch.sort(latents, stable=True).indices
+        counts = torch.bincount(latents, minlength=sae.cfg.d_sae).numpy()
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls(rows[order], values[order], offsets, total, store)
+        return cls(rows.index_select(0, order).numpy(), values.index_select(0, order).numpy(), offsets, total, store)
 
     # -- per feature -----------------------------------------------------------------------
     @property

@@ -53,6 +53,17 @@ def test_sparse_record_equals_the_dense_encode(sae, store, acts):
     np.testing.assert_array_equal(acts.context_counts(), per_context_LF.sum(0))
 
 
+def test_the_whole_record_is_the_dense_encode_by_latent_then_row(sae, store, acts):
+    latents_NF = dense(sae, store)
+    rows_N, latents_N = np.nonzero(latents_NF.T)[::-1]  # by latent, then row: the record's order
+    np.testing.assert_array_equal(acts.offsets_F1, np.concatenate([[0], np.cumsum((latents_NF != 0).sum(0))]))
+    np.testing.assert_array_equal(acts.rows, rows_N)
+    np.testing.assert_allclose(acts.values, latents_NF[rows_N, latents_N], rtol=1e-6)
+    assert acts.rows.dtype == np.int64 and acts.values.dtype == np.float32 and acts.offsets_F1.dtype == np.int64
+    nothing = FeatureActivations.collect(sae, store, n_rows=0)
+    assert len(nothing.rows) == len(nothing.values) == 0 and nothing.offsets_F1.tolist() == [0] * 49
+
+
 def test_collecting_follows_the_machine_load_with_the_same_record(sae, store, acts, always_busy):
     busy = FeatureActivations.collect(sae, store, batch_size=7)
     assert always_busy[:1] == [1] and torch.get_num_threads() == 2  # fewer threads, then put back
