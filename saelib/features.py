@@ -68,9 +68,9 @@ class FeatureActivations:
                 latents_NF = sae.encode(store.rows(start, min(total, start + batch_size)).to(device))
                 row_index, latent_index = latents_NF.nonzero(as_tuple=True)  # row by row
                 by_latent = torch.sort(latent_index, stable=True).indices  # each latent's rows stay ascending
-                latent_index = latent_index[by_latent]
-                pieces.append(((row_index[by_latent] + start).cpu(), latent_index.cpu(),
-                               latents_NF[row_index[by_latent], latent_index].float().cpu()))
+                row_index, latent_index = row_index[by_latent], latent_index[by_latent]
+                pieces.append(((row_index + start).cpu(), latent_index.cpu(),
+                               latents_NF[row_index, latent_index].float().cpu()))
                 counts_bF.append(torch.bincount(latent_index, minlength=n_latents).cpu())
                 load.lap()
         return cls._merged(pieces, counts_bF, n_latents, total, store)
