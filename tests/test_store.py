@@ -67,6 +67,19 @@ def test_float16_store_rounds_to_half_precision(tmp_path, acts_ND):
     assert torch.equal(store.rows(0, 40), acts_ND.half().float())
 
 
+def test_reads_are_float32_whatever_torchs_default_dtype(tmp_path, acts_ND):
+    store = write_store(tmp_path / "s", acts_ND, n_contexts=10, dtype="float16")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        rows = store.rows(0, 40)
+        batch = next(store.iter_batches(8, shuffle=False))
+    finally:
+        torch.set_default_dtype(before)
+    assert rows.dtype == batch.dtype == torch.float32
+    assert torch.equal(rows, acts_ND.half().float()) and torch.equal(batch, rows[:8])
+
+
 def test_shuffled_batches_cover_every_row_once_with_bounded_buffer(tmp_path, acts_ND):
     store = write_store(tmp_path / "s", acts_ND, n_contexts=10)
     batches = list(store.iter_batches(batch_size=4, seed=1, buffer_rows=8, chunk_rows=3, drop_last=False))
